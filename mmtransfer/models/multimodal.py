@@ -1,0 +1,314 @@
+"""MultimodalModel: two pretrained towers, a shared embedding space and a fusion stack.
+
+    texts  -> TextEncoder  -> tokens (B, T, Dt), pooled (B, Dt) -> text_projection  -> (B, E)
+    images -> ImageEncoder -> tokens (B, P, Di), pooled (B, Di) -> image_projection -> (B, E)
+    (text tokens, image tokens) -> Fusion -> fused tokens (B, T, W), pooled (B, W) -> ITM logits (B, 2)
+
+Contrastive logits are cosine similarities times a learnable inverse
+temperature, clamped to ``config.max_logit_scale``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, from_dict, to_dict
+from .common import count_parameters, freeze, keep_frozen_norms_in_eval
+from .fusion import Fusion, Projection
+from .image import ImageEncoder
+from .outputs import FusionOutput, ImageEncoderOutput, MultimodalOutput, TextEncoderOutput
+from .preprocess import ImagePreprocessor
+from .text import TextEncoder
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_TYPE = "mmtransfer-multimodal"
+
+TextInput = str | Sequence[str] | torch.Tensor | dict[str, torch.Tensor]
+
+
+class MultimodalModel(nn.Module):
+    """A text tower and an image tower aligned in one embedding space, with fusion.
+
+    Args:
+        config: the full model configuration.
+        text_encoder: the text tower (built from ``config.text``).
+        image_encoder: the image tower (built from ``config.image``).
+
+    Shapes:
+        ``encode_text``: B texts -> (B, E); ``encode_image``: B images -> (B, E).
+        ``forward(pixel_values (B, 3, S, S), input_ids (B, T), attention_mask (B, T))``
+        -> :class:`MultimodalOutput` with (B, B) logits.
+
+    Example:
+        >>> model = mmtransfer.create_model("minilm-l6-efficientnet-lite0")
+        >>> model.similarity([image], ["a cat", "a dog"]).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, config: ModelConfig, text_encoder: TextEncoder, image_encoder: ImageEncoder) -> None:
+        super().__init__()
+        self.config = config
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        E = config.embed_dim
+        self.text_projection = Projection(text_encoder.width, E, config.projection)
+        self.image_projection = Projection(image_encoder.width, E, config.projection)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self.fusion = (
+            Fusion(config.fusion, text_encoder.width, image_encoder.width, config.fusion.width or E)
+            if config.fusion.num_layers > 0
+            else None
+        )
+
+    # -- construction --------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, pretrained: bool = True) -> "MultimodalModel":
+        """Build both towers (pretrained unless ``pretrained=False``) and fresh heads."""
+        if not pretrained:
+            config = replace(
+                config, text=replace(config.text, pretrained=False), image=replace(config.image, pretrained=False)
+            )
+        model = cls(config, TextEncoder.from_config(config.text), ImageEncoder.from_config(config.image))
+        logger.warning(
+            "The projections, temperature%s of this model are freshly initialised: "
+            "train them (scripts/finetune_captions.py) before relying on its similarities.",
+            ", fusion layers and matching head" if model.fusion is not None else "",
+        )
+        return model
+
+    # -- inputs --------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.text_encoder.tokenizer
+
+    @property
+    def preprocessor(self) -> ImagePreprocessor:
+        return self.image_encoder.preprocessor
+
+    def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts -> ``input_ids``/``attention_mask`` (B, T) on the model's device."""
+        return {k: v.to(self.device) for k, v in self.text_encoder.tokenize(texts).items()}
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """PIL images (any mode) -> pixel tensor (B, 3, S, S) on the model's device."""
+        return self.preprocessor(images).to(self.device)
+
+    def _text_batch(self, texts: TextInput, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if isinstance(texts, str) or (isinstance(texts, Sequence) and not isinstance(texts, torch.Tensor)):
+            return self.tokenize(texts)
+        if isinstance(texts, torch.Tensor):
+            return {"input_ids": texts, "attention_mask": attention_mask if attention_mask is not None else torch.ones_like(texts)}
+        if isinstance(texts, dict) or hasattr(texts, "keys"):
+            return {"input_ids": texts["input_ids"], "attention_mask": texts.get("attention_mask", attention_mask)}
+        raise TypeError(f"encode_text takes strings, token ids or a tokenizer output, not {type(texts).__name__}.")
+
+    def _pixels(self, images: Any) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4:
+                raise ValueError(f"Pixel tensors must be (B, 3, H, W); got shape {tuple(images.shape)}.")
+            return images
+        return self.preprocess(images)
+
+    # -- towers and shared space ---------------------------------------------------
+
+    def text_features(self, texts: TextInput, attention_mask: torch.Tensor | None = None) -> TextEncoderOutput:
+        """Text tower output (tokens and pooled vector) before projection."""
+        return self.text_encoder(**self._text_batch(texts, attention_mask))
+
+    def image_features(self, images: Any) -> ImageEncoderOutput:
+        """Image tower output (tokens and pooled vector) before projection."""
+        return self.image_encoder(self._pixels(images))
+
+    def project_text(self, pooled: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, Dt) pooled text features -> (B, E) shared-space embeddings."""
+        z = self.text_projection(pooled)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def project_image(self, pooled: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, Di) pooled image features -> (B, E) shared-space embeddings."""
+        z = self.image_projection(pooled)
+        return F.normalize(z, dim=-1) if normalize else z
+
+    def encode_text(
+        self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Texts (strings, token ids or a tokenizer output) -> (B, E) embeddings."""
+        return self.project_text(self.text_features(texts, attention_mask).pooled, normalize)
+
+    def encode_image(self, images: Any, normalize: bool = True) -> torch.Tensor:
+        """PIL images or a pixel tensor (B, 3, S, S) -> (B, E) embeddings."""
+        return self.project_image(self.image_features(images).pooled, normalize)
+
+    def get_logit_scale(self) -> torch.Tensor:
+        """The inverse temperature, clamped to [1, ``max_logit_scale``]."""
+        return self.logit_scale.clamp(0.0, math.log(self.config.max_logit_scale)).exp()
+
+    @torch.no_grad()
+    def similarity(self, images: Any, texts: TextInput) -> torch.Tensor:
+        """Cosine similarity of every image with every text: (N_images, N_texts)."""
+        return self.encode_image(images) @ self.encode_text(texts).T
+
+    # -- fusion --------------------------------------------------------------------
+
+    def fuse(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> FusionOutput:
+        """Fuse aligned pairs: image_tokens (B, P, Di) with text_tokens (B, T, Dt) -> :class:`FusionOutput`."""
+        if self.fusion is None:
+            raise RuntimeError("This model has no fusion layers (fusion.num_layers = 0).")
+        return self.fusion(text_tokens, text_mask, image_tokens, output_attentions)
+
+    def match(self, images: Any, texts: TextInput) -> torch.Tensor:
+        """Image-text matching probability of each aligned (image, text) pair: (B,)."""
+        img = self.image_features(images)
+        txt = self.text_features(texts)
+        return self.fuse(img.tokens, txt.tokens, txt.attention_mask).itm_logits.softmax(-1)[:, 1]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        fuse: bool = True,
+        output_attentions: bool = False,
+    ) -> MultimodalOutput:
+        """Embed a batch of aligned image-text pairs, score all pairs, and fuse the aligned ones."""
+        img = self.image_encoder(pixel_values)
+        txt = self.text_encoder(input_ids, attention_mask)
+        image_embeds = self.project_image(img.pooled)  # (B, E)
+        text_embeds = self.project_text(txt.pooled)  # (B, E)
+        scale = self.get_logit_scale()
+        logits_per_image = scale * image_embeds @ text_embeds.T  # (B, B)
+        fusion = None
+        if fuse and self.fusion is not None:
+            fusion = self.fuse(img.tokens, txt.tokens, txt.attention_mask, output_attentions)
+        return MultimodalOutput(
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.T,
+            logit_scale=scale,
+            image=img,
+            text=txt,
+            fusion=fusion,
+        )
+
+    # -- freezing ------------------------------------------------------------------
+
+    def _towers(self, tower: str) -> list[TextEncoder | ImageEncoder]:
+        towers = {"text": [self.text_encoder], "image": [self.image_encoder], "both": [self.text_encoder, self.image_encoder]}
+        if tower not in towers:
+            raise ValueError(f"tower must be one of {list(towers)}, got '{tower}'.")
+        return towers[tower]
+
+    def freeze(self, tower: str = "both", keep_last_blocks: int = 0) -> "MultimodalModel":
+        """Freeze a tower ("text", "image" or "both"), keeping its last N blocks trainable."""
+        for enc in self._towers(tower):
+            freeze(enc, keep_last_blocks, enc.blocks())
+        self.train(self.training)  # re-apply eval mode to frozen batch norms
+        return self
+
+    def unfreeze(self, tower: str = "both") -> "MultimodalModel":
+        for enc in self._towers(tower):
+            enc.requires_grad_(True)
+        self.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> "MultimodalModel":
+        super().train(mode)
+        if mode:
+            keep_frozen_norms_in_eval(self)
+        return self
+
+    def parameter_summary(self) -> str:
+        """A table of trainable and frozen parameter counts per part."""
+        parts = {
+            "text tower": self.text_encoder,
+            "image tower": self.image_encoder,
+            "projections": nn.ModuleList([self.text_projection, self.image_projection]),
+        }
+        if self.fusion is not None:
+            parts["fusion + ITM head"] = self.fusion
+        rows = [(name, count_parameters(m)) for name, m in parts.items()]
+        total = count_parameters(self)
+        lines = [f"{'part':<20}{'trainable':>14}{'frozen':>14}"]
+        lines += [f"{name:<20}{c.trainable:>14,}{c.frozen:>14,}" for name, c in rows]
+        lines.append(f"{'total':<20}{total.trainable:>14,}{total.frozen:>14,}")
+        return "\n".join(lines)
+
+    # -- persistence ---------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config, safetensors weights, tokenizer and preprocessing into ``directory``.
+
+        The folder is written beside the target and renamed into place, so an
+        interrupted save never leaves a half-written model.
+        """
+        from safetensors.torch import save_model
+
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            meta = {"model_type": MODEL_TYPE, "config": to_dict(self.config)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            save_model(self, str(tmp / WEIGHTS_FILE))
+            self.text_encoder.save_extras(tmp)
+            self.preprocessor.save_pretrained(tmp)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MultimodalModel":
+        """Load a model written by :meth:`save_pretrained`. Needs nothing outside ``directory``."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"'{directory}' holds no saved mmtransfer model (no {CONFIG_FILE}). "
+                "Save one with model.save_pretrained(folder), or build one with mmtransfer.create_model(name)."
+            )
+        meta = json.loads(config_path.read_text())
+        if meta.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"'{config_path}' is not an mmtransfer model config (model_type={meta.get('model_type')!r}).")
+        config = from_dict(ModelConfig, meta["config"])
+        model = cls(config, TextEncoder.from_saved(config.text, directory), ImageEncoder.from_saved(config.image, directory))
+        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(map_location))
+        return model.eval()
