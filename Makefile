@@ -1,0 +1,32 @@
+# Set-up is part of every target: the first run creates .venv and installs the
+# package with its pinned torch; later runs reuse it until pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+# The digit datasets sit in ../shared/data beside a checkout unless told otherwise.
+export MMTRANSFER_DATA_DIR ?= $(abspath ../shared/data)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast install clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

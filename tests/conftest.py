@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests run offline: hub names must never be fetched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+_shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "MMTRANSFER_DATA_DIR" not in os.environ and _shared.is_dir():
+    os.environ["MMTRANSFER_DATA_DIR"] = str(_shared)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The tiny random preset (2-layer BERT, 2-layer ViT at 32 px), in eval mode."""
+    import torch
+
+    import mmtransfer
+
+    torch.manual_seed(0)
+    return mmtransfer.create_model("tiny-random").eval()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The offline default preset with its real packaged weights, in eval mode."""
+    import mmtransfer
+
+    return mmtransfer.create_model(mmtransfer.DEFAULT_PRESET).eval()
+
+
+@pytest.fixture(scope="session")
+def sample_photos():
+    """scikit-learn's two real photos (a Chinese palace, a flower) as PIL images."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    return [Image.fromarray(im) for im in load_sample_images().images]
