@@ -128,11 +128,11 @@ _PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
         ),
     ),
     "tiny-random": (
-        "Tiny randomly initialised towers (2-layer BERT, 2-layer ViT at 32 px) for tests and quick checks.",
+        "Tiny randomly initialised towers (2-layer BERT, 2-layer ViT at 32 px, mean-pooled patches) for tests and quick checks.",
         lambda: ModelConfig(
             text=_tiny_text(),
             image=ImageEncoderConfig(
-                name="vit_tiny_patch16_224", pretrained=False, image_size=32,
+                name="vit_tiny_patch16_224", pretrained=False, image_size=32, pooling="mean",
                 model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2},
             ),
             fusion=FusionConfig(num_layers=1, num_heads=2),

@@ -195,6 +195,11 @@ class ImageEncoder(nn.Module):
         return cls(config, backbone, pre.config)
 
     @property
+    def is_pretrained_tower(self) -> bool:
+        """True when the weights came pretrained: the trainer gives them the lower tower learning rate."""
+        return bool(self.config.pretrained)
+
+    @property
     def width(self) -> int:
         return int(self.backbone.num_features)
 

@@ -111,6 +111,11 @@ class TextEncoder(nn.Module):
     # -- use -----------------------------------------------------------------------
 
     @property
+    def is_pretrained_tower(self) -> bool:
+        """True when the weights came pretrained: the trainer gives them the lower tower learning rate."""
+        return bool(self.config.pretrained)
+
+    @property
     def width(self) -> int:
         return int(self.model.config.hidden_size)
 

@@ -1,0 +1,110 @@
+"""Tasks: a model plus its loss modules, mapping a batch to a loss.
+
+A task is what the trainer wraps (one DDP module, one backward per step). It
+reads tower features from the batch when they were cached, or computes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .evaluate import embed_all, recall_at_k
+from .losses import ContrastiveLoss, MatchingLoss
+from .models.multimodal import MultimodalModel
+from .models.outputs import ImageEncoderOutput, TextEncoderOutput
+from .train import StepInfo, TaskOutput
+
+_HASH_MOD = (1 << 61) - 1
+
+
+def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """An id per distinct token sequence, equal across processes (a polynomial hash).
+
+    Rows with the same caption get the same id, so the losses treat them as
+    positives of each other rather than as negatives.
+
+    Shapes:
+        (B, T), (B, T) -> (B,) int64
+    """
+    T = input_ids.shape[1]
+    weights = torch.tensor([pow(1_000_003, t, _HASH_MOD) for t in range(T)], dtype=torch.long, device=input_ids.device)
+    return ((input_ids.long() + 1) * attention_mask.long() * weights).sum(1)  # (B,); wraps deterministically
+
+
+@dataclass
+class CaptionObjectiveConfig:
+    """Weights of the caption fine-tuning losses."""
+
+    # Symmetric InfoNCE between image and text embeddings.
+    contrastive_weight: float = 1.0
+    # Image-text matching through the fusion layer with hard negatives (0 disables fusion training).
+    itm_weight: float = 1.0
+
+
+class CaptionTask(nn.Module):
+    """Contrastive alignment plus ALBEF-style image-text matching on captioned images.
+
+    Batches hold either pixels and token ids, or cached tower features:
+    ``pixel_values`` (B, 3, S, S) or ``image_tokens`` (B, P, Di) + ``image_pooled`` (B, Di);
+    ``input_ids``/``attention_mask`` (B, T), plus ``text_tokens`` (B, T, Dt) and
+    ``text_pooled`` (B, Dt) when the text tower is cached.
+    """
+
+    def __init__(self, model: MultimodalModel, config: CaptionObjectiveConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.contrastive = ContrastiveLoss()
+        self.matching = MatchingLoss()
+        self.use_itm = config.itm_weight > 0 and model.fusion is not None
+        if model.fusion is not None and not self.use_itm:
+            # Unused parameters must not require gradients under DDP.
+            model.fusion.requires_grad_(False)
+
+    def image_features(self, batch: dict[str, Any]) -> ImageEncoderOutput:
+        if "image_pooled" in batch:
+            return ImageEncoderOutput(tokens=batch.get("image_tokens"), pooled=batch["image_pooled"])
+        return self.model.image_encoder(batch["pixel_values"])
+
+    def text_features(self, batch: dict[str, Any]) -> TextEncoderOutput:
+        if "text_pooled" in batch:
+            return TextEncoderOutput(tokens=batch.get("text_tokens"), attention_mask=batch["attention_mask"], pooled=batch["text_pooled"])
+        return self.model.text_encoder(batch["input_ids"], batch["attention_mask"])
+
+    def forward(self, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
+        model = self.model
+        img = self.image_features(batch)
+        txt = self.text_features(batch)
+        zi = model.project_image(img.pooled)  # (B, E)
+        zt = model.project_text(txt.pooled)  # (B, E)
+        scale = model.get_logit_scale()
+        groups = caption_groups(batch["input_ids"], batch["attention_mask"])  # (B,)
+        con = self.contrastive(zi, zt, scale, groups)
+        loss = self.config.contrastive_weight * con.loss
+        metrics: dict[str, torch.Tensor | float] = {
+            "contrastive": con.loss.detach(),
+            "acc_i2t": con.accuracy_i2t,
+            "acc_t2i": con.accuracy_t2i,
+            "logit_scale": scale.detach(),
+        }
+        if self.use_itm:
+            sim = (zi @ zt.T).detach() * scale.detach()  # (B, B) local pairs
+            itm = self.matching(model.fuse, img.tokens, txt.tokens, txt.attention_mask, sim, groups)
+            loss = loss + self.config.itm_weight * itm.loss
+            metrics.update(itm=itm.loss.detach(), itm_acc=itm.accuracy)
+        return TaskOutput(loss=loss, metrics=metrics)
+
+    @torch.no_grad()
+    def evaluate_retrieval(self, accelerator: Any, images: Any, captions: Any) -> dict[str, float]:
+        """Recall@1/5/10 both ways over an image loader and a caption loader (several captions per image)."""
+        model = self.model
+        zi, ii = embed_all(images, lambda b: model.project_image(self.image_features(b).pooled), accelerator)
+        zt, ti = embed_all(captions, lambda b: model.project_text(self.text_features(b).pooled), accelerator)
+        order = ii.argsort()
+        if not torch.equal(ii[order], torch.arange(len(ii))):
+            raise ValueError("The image loader must yield every image_index from 0 to N-1 exactly once.")
+        return recall_at_k(zi[order], zt, ti)

@@ -1,0 +1,515 @@
+"""The one training loop, on Hugging Face Accelerate.
+
+Everything trainable is a *task*: an ``nn.Module`` that holds the model and
+its loss modules and maps ``(batch, StepInfo)`` to a :class:`TaskOutput`. The
+loop owns devices, precision, accumulation, clipping, the learning-rate
+schedule (a pure function of the step), evaluation, logging and exact
+checkpoint/resume; tasks own the mathematics.
+
+    trainer = Trainer(task, train_loader, TrainConfig(...), OptimConfig(...), evaluate=fn)
+    result = trainer.fit()
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from torch import nn
+
+from .config import to_dict
+from .schedules import LR_SCHEDULES
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with two learning rates and a warm-up schedule."""
+
+    # Learning rate of new parameters (projections, fusion, heads, temperature).
+    lr: float = 1e-3
+    # Learning rate of pretrained tower parameters that are trainable.
+    tower_lr: float = 1e-5
+    # Decoupled weight decay; never applied to norms, biases or the temperature.
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    # Learning-rate shape after warm-up: "cosine", "linear" or "constant".
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Steps of linear warm-up from 0.
+    warmup_steps: int = 50
+    # Final learning rate as a fraction of the peak.
+    min_lr_ratio: float = 0.0
+    # Clip the global gradient norm to this value (0 disables).
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """How long, how big, how precise, and where the run goes."""
+
+    # Run folder: resolved config, metrics.jsonl, curves.png, checkpoints/, model/.
+    output_dir: str = "runs/default"
+    # Optimizer steps in total (one step = grad_accum_steps micro-batches).
+    max_steps: int = 1000
+    # Micro-batch size per process.
+    batch_size: int = 64
+    # Micro-batches accumulated per optimizer step.
+    grad_accum_steps: int = 1
+    # "no", "bf16" or "fp16" (fp16 needs a GPU).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    # Evaluate every N optimizer steps (0: only at the end).
+    eval_every: int = 0
+    # Save a resumable checkpoint every N steps (0: only at the end).
+    save_every: int = 0
+    # Checkpoints kept on disk (older ones are deleted).
+    keep_last: int = 2
+    # Log training metrics every N steps.
+    log_every: int = 10
+    # DataLoader worker processes.
+    num_workers: int = 0
+    # Accelerate trackers ("tensorboard", "wandb", ...); [] for none.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # Resume from "latest" (newest checkpoint in the run folder) or a checkpoint folder.
+    resume: str | None = None
+    # Two training steps and one evaluation on a small slice, to check a set-up.
+    fast_dev_run: bool = False
+    # Show a progress bar on the console (main process only).
+    progress_bar: bool = True
+
+
+# ----------------------------------------------------------------------------- task interface
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training stands; schedules inside tasks are pure functions of it."""
+
+    step: int
+    total_steps: int
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+@dataclass
+class TaskOutput:
+    """A task's loss and the scalar metrics to log with it."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    model_dir: Path | None
+
+
+class _TrainState:
+    """The loop's counters, saved and restored with every checkpoint."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.epoch = 0
+        self.batches_in_epoch = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def parameter_groups(task: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: towers vs new parameters, each with and without weight decay.
+
+    A parameter belongs to a pretrained tower when it sits inside a module that
+    declares ``is_pretrained_tower = True`` (the text and image encoders do).
+    Norm weights, biases and scalars (the temperature) get no weight decay.
+    """
+    tower_params: set[int] = set()
+    for module in task.modules():
+        if getattr(module, "is_pretrained_tower", False):
+            tower_params.update(id(p) for p in module.parameters())
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for _, p in task.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = (id(p) in tower_params, p.ndim >= 2)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_tower, decays), params in groups.items():
+        out.append({
+            "params": params,
+            "lr": optim.tower_lr if is_tower else optim.lr,
+            "base_lr": optim.tower_lr if is_tower else optim.lr,
+            "weight_decay": optim.weight_decay if decays else 0.0,
+            "name": f"{'tower' if is_tower else 'new'}{'' if decays else '/no_decay'}",
+        })
+    if not out:
+        raise ValueError("Nothing to train: every parameter is frozen.")
+    return out
+
+
+def _scalar(value: torch.Tensor | float) -> float:
+    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One PNG with a panel per logged metric (training loss first), against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in ("step", "time") and k not in keys and isinstance(r[k], (int, float))]
+    keys = sorted(keys, key=lambda k: (not k.startswith("train/loss"), not k.startswith("train/"), k))[:12]
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """Train a task with Accelerate: one process on a CPU or many with ``accelerate launch``.
+
+    Args:
+        task: module mapping ``(batch, StepInfo)`` to :class:`TaskOutput`.
+        train_loader: a DataLoader (prepared here; shuffling is seeded per epoch).
+        config: steps, batch, precision, evaluation, checkpoints.
+        optim: optimizer and learning-rate schedule.
+        evaluate: optional ``fn(task, accelerator, eval_loaders) -> dict[str, float]``,
+            called on every process (use ``accelerator.gather_for_metrics``).
+        eval_loaders: named DataLoaders, prepared (sharded) here and passed to ``evaluate``.
+        run_config: the resolved configuration, written to the run folder.
+        export: optional ``fn(unwrapped_task, folder)`` that writes the final model.
+        summary_extra: values added to ``summary.json`` (e.g. skipped bad samples).
+    """
+
+    def __init__(
+        self,
+        task: nn.Module,
+        train_loader: Iterable,
+        config: TrainConfig,
+        optim: OptimConfig,
+        evaluate: Callable[[nn.Module, Any, dict[str, Any]], dict[str, float]] | None = None,
+        eval_loaders: dict[str, Iterable] | None = None,
+        run_config: Any = None,
+        export: Callable[[nn.Module, Path], None] | None = None,
+        summary_extra: dict[str, Any] | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+        self.config = config
+        self.optim_config = optim
+        self.run_dir = Path(config.output_dir)
+        if config.fast_dev_run:
+            config.max_steps, config.eval_every, config.save_every = 2, 0, 0
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ValueError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 or no.")
+        trackers = list(config.trackers) if not config.fast_dev_run else []
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum_steps,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            step_scheduler_with_optimizer=False,
+        )
+        set_seed(config.seed, device_specific=False)
+        self.state = _TrainState()
+        optimizer = torch.optim.AdamW(
+            parameter_groups(task, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+        )
+        loaders = dict(eval_loaders or {})
+        prepared = self.accelerator.prepare(task, optimizer, train_loader, *loaders.values())
+        self.task, self.optimizer, self.train_loader = prepared[:3]
+        self.eval_loaders = dict(zip(loaders, prepared[3:]))
+        self.accelerator.register_for_checkpointing(self.state)
+        self._evaluate = evaluate
+        self._export = export
+        self.run_config = run_config
+        self.summary_extra = dict(summary_extra or {})
+        self.records: list[dict[str, Any]] = []
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            if run_config is None:
+                data = {"train": to_dict(config), "optim": to_dict(optim)}
+            else:
+                data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        if trackers:
+            self.accelerator.init_trackers("mmtransfer", config=_flat_hparams(run_config))
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write a resumable checkpoint; written to a temporary folder, then renamed."""
+        acc = self.accelerator
+        final = self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.step}"
+        tmp = final.with_name(f".tmp-{final.name}")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in list_checkpoints(self.run_dir)[: -max(1, self.config.keep_last)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume(self) -> None:
+        spec = self.config.resume
+        if not spec:
+            return
+        if spec == "latest":
+            found = list_checkpoints(self.run_dir)
+            if not found:
+                logger.info("resume=latest: no checkpoint in %s yet; starting from scratch.", self.run_dir / "checkpoints")
+                return
+            path = found[-1]
+        else:
+            path = Path(spec)
+            if not path.is_dir():
+                raise FileNotFoundError(f"train.resume: checkpoint folder '{path}' does not exist. Use 'latest' or a folder under {self.run_dir / 'checkpoints'}.")
+        self.accelerator.load_state(str(path))
+        logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, self.state.step, self.state.epoch, self.state.batches_in_epoch)
+        self._load_records()
+
+    def _load_records(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= self.state.step]
+
+    # -- logging -------------------------------------------------------------------
+
+    def log(self, values: dict[str, float]) -> None:
+        record = {"step": self.state.step, "time": round(time.time(), 3), **values}
+        self.records.append(record)
+        self.accelerator.log(values, step=self.state.step)
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def run_evaluation(self) -> dict[str, float]:
+        if self._evaluate is None:
+            return {}
+        self.task.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            metrics = self._evaluate(self.accelerator.unwrap_model(self.task), self.accelerator, self.eval_loaders)
+        self.task.train()
+        metrics = {k if "/" in k else f"eval/{k}": float(v) for k, v in metrics.items()}
+        self.log(metrics)
+        if self.accelerator.is_main_process:
+            logger.info("step %d: %s", self.state.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    # -- training ------------------------------------------------------------------
+
+    def _set_lr(self) -> float:
+        o = self.optim_config
+        mult = LR_SCHEDULES[o.schedule](self.state.step, self.config.max_steps, o.warmup_steps, o.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * mult
+        return mult
+
+    def _batches(self):
+        """Yield batches forever, from where the state says, with seeded per-epoch order."""
+        loader = self.train_loader
+        while True:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(self.state.epoch)
+            source = loader
+            if self.state.batches_in_epoch:
+                source = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
+            # Starting an epoch draws worker seeds from the global RNG. Doing it inside a fork seeded
+            # by (seed, epoch) leaves the global stream untouched, so an epoch resumed mid-way sees
+            # the same dropout and negative sampling as an uninterrupted run.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed * 1_000_003 + self.state.epoch)
+                iterator = iter(source)
+                first = next(iterator, None)
+            if first is None:
+                if self.state.batches_in_epoch == 0:
+                    raise ValueError("The training DataLoader is empty: check the dataset split and batch size.")
+                # Resumed exactly at the end of an epoch: move on to the next one.
+                self.state.epoch, self.state.batches_in_epoch = self.state.epoch + 1, 0
+                continue
+            for batch in itertools.chain([first], iterator):
+                self.state.batches_in_epoch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+
+    def fit(self) -> TrainResult:
+        """Train to ``max_steps`` (resuming first if asked), evaluate, checkpoint, export."""
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.config
+        self._resume()
+        if acc.is_main_process:
+            logger.info(
+                "Training %d steps: %d process(es) x batch %d x %d accumulation, precision %s, run folder %s",
+                cfg.max_steps, acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, cfg.mixed_precision, self.run_dir,
+            )
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+            disable=not (cfg.progress_bar and acc.is_local_main_process),
+        )
+        self.task.train()
+        metrics: dict[str, float] = {}
+        running: dict[str, list[float]] = {}
+        started = time.perf_counter()
+        batches = self._batches()
+        while self.state.step < cfg.max_steps:
+            lr_mult = self._set_lr()
+            for _ in range(cfg.grad_accum_steps):
+                batch = next(batches)
+                with acc.accumulate(self.task):
+                    out: TaskOutput = self.task(batch, StepInfo(self.state.step, cfg.max_steps))
+                    if not torch.isfinite(out.loss):
+                        raise FloatingPointError(
+                            f"The loss became {float(out.loss)} at step {self.state.step}. Lower optim.lr, "
+                            "check the data, or try train.mixed_precision=no."
+                        )
+                    acc.backward(out.loss)
+                    if acc.sync_gradients:
+                        if self.optim_config.grad_clip > 0:
+                            norm = acc.clip_grad_norm_(self.task.parameters(), self.optim_config.grad_clip)
+                            running.setdefault("train/grad_norm", []).append(_scalar(norm))
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                running.setdefault("train/loss", []).append(_scalar(out.loss))
+                for k, v in out.metrics.items():
+                    running.setdefault(f"train/{k}", []).append(_scalar(v))
+            self.state.step += 1
+            bar.update(1)
+            if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
+                values = {k: sum(v) / len(v) for k, v in running.items()}
+                values["train/lr"] = self.optim_config.lr * lr_mult
+                running = {}
+                self.log(values)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}")
+            if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < cfg.max_steps:
+                metrics = self.run_evaluation()
+            if cfg.save_every and self.state.step % cfg.save_every == 0 and self.state.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        elapsed = time.perf_counter() - started
+        metrics = self.run_evaluation() or metrics
+        if not cfg.fast_dev_run:
+            self.save_checkpoint()
+        model_dir = self._finish(metrics, elapsed)
+        acc.end_training()
+        return TrainResult(self.run_dir, self.state.step, metrics, model_dir)
+
+    def _finish(self, metrics: dict[str, float], elapsed: float) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model_dir = None
+        if acc.is_main_process:
+            if self._export is not None:
+                model_dir = self.run_dir / "model"
+                self._export(acc.unwrap_model(self.task), model_dir)
+            plot = plot_curves(self.records, self.run_dir / "curves.png")
+            summary = {
+                "steps": self.state.step,
+                "train_seconds_this_session": round(elapsed, 2),
+                "processes": acc.num_processes,
+                "final_metrics": metrics,
+                "model_dir": str(model_dir) if model_dir else None,
+                "curves": str(plot) if plot else None,
+                **self.summary_extra,
+            }
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
+        return model_dir
+
+
+def _flat_hparams(run_config: Any) -> dict[str, Any]:
+    """A flat {dotted.key: scalar} view of the config for trackers (TensorBoard hparams)."""
+    if run_config is None:
+        return {}
+    data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, (int, float, str, bool)):
+            flat[prefix] = node
+        else:
+            flat[prefix] = str(node)
+
+    walk(data, "")
+    return flat
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Console logging for scripts: one line per event, main process only under Accelerate."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "timm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
