@@ -1,0 +1,108 @@
+"""Command-line conventions shared by every script.
+
+    python scripts/<script>.py --config configs/<recipe>.yaml [dotted.key=value ...] [--fast-dev-run]
+
+``--help`` lists every key of the script's config with its default and comment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import typing
+from typing import Any, TypeVar
+
+from .config import ConfigError, load_config
+
+T = TypeVar("T")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` lines written above each field in the dataclass source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# ").rstrip())
+            continue
+        m = re.match(r"(\w+)\s*:", stripped)
+        if m and pending:
+            comments[m.group(1)] = " ".join(pending)
+        pending = []
+    return comments
+
+
+def describe_config(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key: ``dotted.key = default  # comment``."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        sub = tp if dataclasses.is_dataclass(tp) else (inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None)
+        value = getattr(defaults, f.name)
+        if sub is not None and isinstance(sub, type):
+            lines.append(f"  [{key}]" + (f"  # {comments[f.name]}" if f.name in comments else "") + ("  (default: none)" if value is None else ""))
+            lines += describe_config(sub, key + ".")
+            continue
+        comment = f"  # {comments[f.name]}" if f.name in comments else ""
+        lines.append(f"  {key} = {value!r}{comment}")
+    return lines
+
+
+def parse_args(cls: type[T], description: str, argv: list[str] | None = None) -> tuple[T, argparse.Namespace]:
+    """Parse ``--config``, dotted overrides and ``--fast-dev-run`` into the dataclass ``cls``.
+
+    Config errors print one clear line and exit with status 2, like argparse.
+    """
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (override any with key=value):\n" + "\n".join(describe_config(cls)),
+    )
+    parser.add_argument("--config", help="YAML recipe whose keys map onto the config below (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=100 optim.lr=1e-4")
+    parser.add_argument("--fast-dev-run", action="store_true",
+                        help="two training steps and one evaluation on a small slice, to check an installation and a recipe")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(cls, args.config, args.overrides)
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        sys.exit(0)
+    return config, args
+
+
+def run_main(fn: Any, *args: Any) -> Any:
+    """Call ``fn``; errors meant for people (bad data, names, configs) end with one line, not a stack trace."""
+    from .config import ConfigError as _ConfigError
+    from .registry import UnknownModelError
+
+    known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, FileNotFoundError)
+    try:
+        from .data.config import DataError
+
+        known = known + (DataError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return fn(*args)
+    except known as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,255 @@
+"""Feature caching for frozen towers.
+
+When a tower is frozen and its inputs are not augmented, its output for a
+given image or caption never changes, so it is computed once and reused every
+step: training the projections and the fusion layer then costs a fraction of
+a forward pass through the towers. Caches live in memory and, with a folder,
+on disk as safetensors keyed by the tower's weights, its preprocessing and
+the data, so a changed model or data set never reads a stale cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedFeatures:
+    """Tower outputs for N items.
+
+    Shapes:
+        pooled: (N, D) float32.
+        tokens: (N, P, D) float16 (halved to fit memory), or None when not kept.
+        attention_mask: (N, T) for text, None for images.
+        input_ids: (N, T) for text, None for images.
+    """
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.to_dict().values())
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """A hash of every parameter and buffer (names, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(folder: str | Path | None, kind: str, parts: dict[str, Any]) -> Path | None:
+    if folder is None:
+        return None
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(folder) / f"{kind}-{key}.safetensors"
+
+
+def _load(path: Path | None) -> CachedFeatures | None:
+    if path is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return CachedFeatures(**load_file(str(path)))
+    except Exception as err:  # a damaged file is recomputed, not trusted
+        logger.warning("Ignoring unreadable feature cache %s (%s); recomputing.", path, err)
+        return None
+
+
+def _save(path: Path | None, feats: CachedFeatures) -> None:
+    if path is None:
+        return
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in feats.to_dict().items()}, str(tmp))
+    tmp.rename(path)
+
+
+@torch.no_grad()
+def image_features(
+    encoder: nn.Module,
+    loader: Any,
+    num_items: int,
+    keep_tokens: bool = True,
+    cache_dir: str | Path | None = None,
+    data_key: str = "",
+    progress: bool = True,
+) -> CachedFeatures:
+    """Run a frozen image tower once over ``loader`` (batches with ``pixel_values`` and ``image_index``).
+
+    Args:
+        encoder: an :class:`~mmtransfer.models.ImageEncoder`.
+        loader: batches of ``{"pixel_values": (B, 3, S, S), "image_index": (B,)}`` covering 0..N-1.
+        num_items: N.
+        keep_tokens: keep the (N, P, D) tokens (needed by the fusion layer).
+        cache_dir: folder for the on-disk cache (None: memory only).
+        data_key: identifies the data (e.g. the dataset fingerprint and split).
+    """
+    from tqdm.auto import tqdm
+
+    parts = {"weights": module_fingerprint(encoder), "pre": repr(getattr(encoder, "preprocessor", None)),
+             "data": data_key, "n": num_items, "tokens": keep_tokens}
+    path = _cache_path(cache_dir, "image", parts)
+    cached = _load(path)
+    if cached is not None:
+        logger.info("Image features loaded from %s", path)
+        return cached
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    pooled: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    filled = torch.zeros(num_items, dtype=torch.bool)
+    for batch in tqdm(loader, desc="caching image features", disable=not progress, dynamic_ncols=True):
+        out = encoder(batch["pixel_values"].to(device))
+        idx = batch["image_index"].cpu()
+        if pooled is None:
+            pooled = torch.empty(num_items, out.pooled.shape[-1])
+            if keep_tokens:
+                tokens = torch.empty(num_items, *out.tokens.shape[1:], dtype=torch.float16)
+        pooled[idx] = out.pooled.float().cpu()
+        if tokens is not None:
+            tokens[idx] = out.tokens.to(torch.float16).cpu()
+        filled[idx] = True
+    encoder.train(was_training)
+    if pooled is None or not filled.all():
+        raise ValueError(f"The image loader covered {int(filled.sum())} of {num_items} images; it must yield each image_index once.")
+    feats = CachedFeatures(pooled=pooled, tokens=tokens)
+    _save(path, feats)
+    logger.info("Cached %d image features (%.0f MB)%s", num_items, feats.nbytes / 2**20, f" in {path}" if path else "")
+    return feats
+
+
+@torch.no_grad()
+def text_features(
+    encoder: nn.Module,
+    texts: Sequence[str],
+    keep_tokens: bool = True,
+    batch_size: int = 256,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> CachedFeatures:
+    """Run a frozen text tower once over ``texts`` (padded to the longest tokenised text).
+
+    Shapes:
+        -> pooled (N, D), tokens (N, T, D) float16, attention_mask and input_ids (N, T).
+    """
+    from tqdm.auto import tqdm
+
+    texts = list(texts)
+    parts = {"weights": module_fingerprint(encoder), "texts": hashlib.sha256("\x1f".join(texts).encode()).hexdigest(),
+             "max_length": encoder.config.max_length, "tokens": keep_tokens}
+    path = _cache_path(cache_dir, "text", parts)
+    cached = _load(path)
+    if cached is not None:
+        logger.info("Text features loaded from %s", path)
+        return cached
+    was_training = encoder.training
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    enc = encoder.tokenizer(texts, padding=True, truncation=True, max_length=encoder.config.max_length, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # (N, T)
+    pooled, tokens = [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc="caching text features", disable=not progress, dynamic_ncols=True):
+        sl = slice(start, start + batch_size)
+        out = encoder(ids[sl].to(device), mask[sl].to(device))
+        pooled.append(out.pooled.float().cpu())
+        if keep_tokens:
+            tokens.append(out.tokens.to(torch.float16).cpu())
+    encoder.train(was_training)
+    feats = CachedFeatures(pooled=torch.cat(pooled), tokens=torch.cat(tokens) if keep_tokens else None,
+                           attention_mask=mask, input_ids=ids)
+    _save(path, feats)
+    return feats
+
+
+class CachedCaptionCollator:
+    """Image positions -> a caption batch built from cached image features.
+
+    Each item is the position of an image; one of its captions is picked (at
+    random with a seeded generator in training, the first in evaluation). Text
+    comes from cached text features when the text tower is frozen too, or is
+    tokenised for the trainable text tower otherwise.
+
+    Args:
+        image_feats: cached image tower outputs for positions 0..N-1.
+        captions: per image, its captions.
+        text_feats: cached text tower outputs for ``text_rows``' strings, or None.
+        text_rows: caption string -> row of ``text_feats`` (with ``text_feats``).
+        tokenizer, max_length: tokenise captions when ``text_feats`` is None.
+        train: pick captions at random.
+
+    Shapes:
+        -> image_pooled (B, Di), image_tokens (B, P, Di), input_ids and attention_mask (B, T),
+        and with cached text: text_pooled (B, Dt), text_tokens (B, T, Dt).
+    """
+
+    def __init__(
+        self,
+        image_feats: CachedFeatures,
+        captions: list[list[str]],
+        text_feats: CachedFeatures | None = None,
+        text_rows: dict[str, int] | None = None,
+        tokenizer: Any = None,
+        max_length: int = 64,
+        train: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if text_feats is None and tokenizer is None:
+            raise ValueError("Give either cached text features or a tokenizer.")
+        self.image_feats = image_feats
+        self.captions = captions
+        self.text_feats = text_feats
+        self.text_rows = text_rows or {}
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.train = train
+        self.rng = random.Random(seed)
+
+    def _pick(self, caps: list[str]) -> str:
+        return caps[self.rng.randrange(len(caps))] if self.train and len(caps) > 1 else caps[0]
+
+    def __call__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(positions, dtype=torch.long)  # (B,)
+        texts = [self._pick(self.captions[p]) for p in positions]
+        batch = {"image_index": idx, "image_pooled": self.image_feats.pooled[idx]}  # (B, Di)
+        if self.image_feats.tokens is not None:
+            batch["image_tokens"] = self.image_feats.tokens[idx].float()  # (B, P, Di)
+        if self.text_feats is None:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            batch.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # (B, T)
+            return batch
+        t = torch.as_tensor([self.text_rows[c] for c in texts], dtype=torch.long)  # (B,)
+        mask = self.text_feats.attention_mask[t]  # (N_t, T_max) -> (B, T_max)
+        T = int(mask.sum(1).max())  # right padding: the first T columns hold every real token
+        batch.update(
+            input_ids=self.text_feats.input_ids[t, :T],  # (B, T)
+            attention_mask=mask[:, :T],  # (B, T)
+            text_pooled=self.text_feats.pooled[t],  # (B, Dt)
+        )
+        if self.text_feats.tokens is not None:
+            batch["text_tokens"] = self.text_feats.tokens[t, :T].float()  # (B, T, Dt)
+        return batch
