@@ -220,6 +220,29 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def make_accelerator(config: TrainConfig) -> Any:
+    """The Accelerator for a run: precision, accumulation, trackers and seeded data order."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    if config.fast_dev_run:
+        config.max_steps, config.eval_every, config.save_every = 2, 0, 0
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 or no.")
+    run_dir = Path(config.output_dir)
+    trackers = list(config.trackers) if not config.fast_dev_run else []
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(config.seed, device_specific=False)  # before the model's new heads are initialised
+    return accelerator
+
+
 class Trainer:
     """Train a task with Accelerate: one process on a CPU or many with ``accelerate launch``.
 
@@ -234,6 +257,8 @@ class Trainer:
         run_config: the resolved configuration, written to the run folder.
         export: optional ``fn(unwrapped_task, folder)`` that writes the final model.
         summary_extra: values added to ``summary.json`` (e.g. skipped bad samples).
+        accelerator: one from :func:`make_accelerator` when the caller needed it
+            earlier (e.g. to build data on the main process first); made here otherwise.
     """
 
     def __init__(
@@ -247,26 +272,15 @@ class Trainer:
         run_config: Any = None,
         export: Callable[[nn.Module, Path], None] | None = None,
         summary_extra: dict[str, Any] | None = None,
+        accelerator: Any = None,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
 
         self.config = config
         self.optim_config = optim
         self.run_dir = Path(config.output_dir)
-        if config.fast_dev_run:
-            config.max_steps, config.eval_every, config.save_every = 2, 0, 0
-        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ValueError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 or no.")
+        self.accelerator = accelerator or make_accelerator(config)
         trackers = list(config.trackers) if not config.fast_dev_run else []
-        self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.grad_accum_steps,
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            step_scheduler_with_optimizer=False,
-        )
         set_seed(config.seed, device_specific=False)
         self.state = _TrainState()
         optimizer = torch.optim.AdamW(
