@@ -50,7 +50,10 @@ class CaptionDataSection:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Compute frozen, unaugmented towers once and reuse their features every step.
     cache_features: bool = True
-    # Folder for on-disk feature caches (None: memory only).
+    # Also keep cached features on disk, keyed by weights and data, for later runs.
+    persist_features: bool = True
+    # Folder of on-disk feature caches (None: "features" in the data cache folder,
+    # $MMTRANSFER_CACHE_DIR or ~/.cache/mmtransfer).
     feature_cache_dir: str | None = None
     # Batch size of evaluation and feature caching.
     eval_batch_size: int = 128
@@ -173,6 +176,11 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     keep_tokens = model.fusion is not None and cfg.objective.itm_weight > 0
     max_length = model.text_encoder.config.max_length
     bs = cfg.data.eval_batch_size
+    feature_dir = None
+    if cfg.data.persist_features:
+        from .data.config import cache_root
+
+        feature_dir = Path(cfg.data.feature_cache_dir) if cfg.data.feature_cache_dir else cache_root(cfg.data.train) / "features"
     text_cache = None
     text_rows: dict[str, int] = {}
     if cache:
@@ -183,13 +191,13 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                 key = f"{split.dataset._fingerprint}"
                 split.image_feats = image_features(
                     model.image_encoder, loader, len(split.dataset), keep_tokens=keep_tokens,
-                    cache_dir=cfg.data.feature_cache_dir, data_key=key, progress=accelerator.is_local_main_process,
+                    cache_dir=feature_dir, data_key=key, progress=accelerator.is_local_main_process,
                 )
             if text_frozen:
                 unique = sorted({c for s in splits.values() for caps in s.captions for c in caps})
                 text_rows = {c: i for i, c in enumerate(unique)}
                 text_cache = text_features(model.text_encoder, unique, keep_tokens=keep_tokens,
-                                           cache_dir=cfg.data.feature_cache_dir, progress=accelerator.is_local_main_process)
+                                           cache_dir=feature_dir, progress=accelerator.is_local_main_process)
         logger.info("Frozen towers: training on cached features (image%s).", " and text" if text_cache else "")
 
     def cached_collator(split: _Split, train: bool) -> CachedCaptionCollator:

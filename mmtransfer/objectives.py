@@ -93,7 +93,11 @@ class CaptionTask(nn.Module):
         }
         if self.use_itm:
             sim = (zi @ zt.T).detach() * scale.detach()  # (B, B) local pairs
-            itm = self.matching(model.fuse, img.tokens, txt.tokens, txt.attention_mask, sim, groups)
+            fusion = model.fusion
+            # Project tokens to the fusion width once; the matching loss indexes them three ways.
+            text_w = fusion.text_in(txt.tokens)  # (B, T, W)
+            image_w = fusion.image_in(img.tokens)  # (B, P, W)
+            itm = self.matching(fusion.fuse_projected, image_w, text_w, txt.attention_mask, sim, groups)
             loss = loss + self.config.itm_weight * itm.loss
             metrics.update(itm=itm.loss.detach(), itm_acc=itm.accuracy)
         return TaskOutput(loss=loss, metrics=metrics)

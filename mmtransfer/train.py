@@ -287,9 +287,19 @@ class Trainer:
             parameter_groups(task, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
         )
         loaders = dict(eval_loaders or {})
-        prepared = self.accelerator.prepare(task, optimizer, train_loader, *loaders.values())
-        self.task, self.optimizer, self.train_loader = prepared[:3]
-        self.eval_loaders = dict(zip(loaders, prepared[3:]))
+        from .data.collate import PairedLoader
+
+        if isinstance(train_loader, PairedLoader):
+            # Source and target loaders are sharded separately; the pairing stays a plain iterable.
+            train_loader.source, train_loader.target = self.accelerator.prepare(train_loader.source, train_loader.target)
+            prepared = self.accelerator.prepare(task, optimizer, *loaders.values())
+            self.task, self.optimizer = prepared[:2]
+            self.train_loader = train_loader
+            self.eval_loaders = dict(zip(loaders, prepared[2:]))
+        else:
+            prepared = self.accelerator.prepare(task, optimizer, train_loader, *loaders.values())
+            self.task, self.optimizer, self.train_loader = prepared[:3]
+            self.eval_loaders = dict(zip(loaders, prepared[3:]))
         self.accelerator.register_for_checkpointing(self.state)
         self._evaluate = evaluate
         self._export = export
@@ -391,14 +401,20 @@ class Trainer:
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(self.state.epoch)
             source = loader
+            skip = 0
             if self.state.batches_in_epoch:
-                source = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
+                if isinstance(loader, torch.utils.data.DataLoader):
+                    source = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
+                else:  # any other iterable (e.g. paired source/target loaders): read and drop
+                    skip = self.state.batches_in_epoch
             # Starting an epoch draws worker seeds from the global RNG. Doing it inside a fork seeded
             # by (seed, epoch) leaves the global stream untouched, so an epoch resumed mid-way sees
             # the same dropout and negative sampling as an uninterrupted run.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed * 1_000_003 + self.state.epoch)
                 iterator = iter(source)
+                for _ in range(skip):
+                    next(iterator, None)
                 first = next(iterator, None)
             if first is None:
                 if self.state.batches_in_epoch == 0:

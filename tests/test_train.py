@@ -123,7 +123,7 @@ def test_matching_loss_shapes(tiny_model):
     tok = tiny_model.tokenize(["a", "b c", "d e f"])
     img = tiny_model.image_features(torch.randn(3, 3, 32, 32))
     txt = tiny_model.text_features(tok)
-    out = MatchingLoss()(tiny_model.fuse, img.tokens, txt.tokens, txt.attention_mask, torch.randn(3, 3))
+    out = MatchingLoss()(tiny_model.fusion, img.tokens, txt.tokens, txt.attention_mask, torch.randn(3, 3))
     assert out.loss.ndim == 0 and 0 <= float(out.accuracy) <= 1
 
 

@@ -55,7 +55,8 @@ class MatchingLoss(nn.Module):
     hardest. The labels are [match] * B + [no match] * 2B.
 
     Args of ``forward``:
-        fuse: callable (image_tokens (n, P, Di), text_tokens (n, T, Dt), text_mask (n, T)) -> FusionOutput.
+        fuse: callable (text_tokens (n, T, D), text_mask (n, T), image_tokens (n, P, D)) -> FusionOutput,
+            e.g. ``fusion.fuse_projected`` on tokens already at the fusion width.
         image_tokens (B, P, Di), text_tokens (B, T, Dt), text_mask (B, T);
         sim_i2t: (B, B) contrastive logits of local images against local texts;
         group_ids: (B,) or None.
@@ -63,7 +64,7 @@ class MatchingLoss(nn.Module):
 
     def forward(
         self,
-        fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], FusionOutput],
+        fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], FusionOutput],  # (text, mask, image)
         image_tokens: torch.Tensor,
         text_tokens: torch.Tensor,
         text_mask: torch.Tensor,
@@ -77,7 +78,7 @@ class MatchingLoss(nn.Module):
         images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]], dim=0)  # (3B, P, Di)
         texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens], dim=0)  # (3B, T, Dt)
         masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)  # (3B, T)
-        logits = fuse(images, texts, masks).itm_logits.float()  # (3B, 2)
+        logits = fuse(texts, masks, images).itm_logits.float()  # (3B, 2)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)  # (3B,)
         loss = F.cross_entropy(logits, labels)
         with torch.no_grad():

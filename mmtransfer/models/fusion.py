@@ -154,6 +154,16 @@ class Fusion(nn.Module):
     ) -> FusionOutput:
         text = self.text_in(text_tokens)  # (B, T, W)
         image = self.image_in(image_tokens)  # (B, P, W)
+        return self.fuse_projected(text, text_mask, image, output_attentions)
+
+    def fuse_projected(
+        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, output_attentions: bool = False
+    ) -> FusionOutput:
+        """The layers on tokens already projected to the fusion width: (B, T, W), (B, T), (B, P, W).
+
+        Image-text matching fuses every image three times (positive, negative
+        text, as a negative); projecting once and indexing saves that work.
+        """
         attentions = []
         for layer in self.layers:
             text, image, weights = layer(text, text_mask, image, output_attentions)
