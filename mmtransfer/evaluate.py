@@ -71,3 +71,73 @@ def embed_all(
         embs.append(z.float().cpu())
         idx.append(i.cpu())
     return torch.cat(embs), torch.cat(idx)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Top-1/top-5 accuracy, macro precision/recall/F1 (percent), and a per-class table.
+
+    Classes absent from ``labels`` are left out of the macro averages.
+
+    Shapes:
+        logits: (N, C); labels: (N,) in [0, C).
+    """
+    n, C = logits.shape
+    pred = logits.argmax(1)
+    k = min(5, C)
+    topk = logits.topk(k, dim=1).indices  # (N, k)
+    conf = confusion_matrix(pred, labels, C)  # (C, C) rows = true
+    tp = conf.diag().float()
+    support = conf.sum(1).float()
+    predicted = conf.sum(0).float()
+    precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp_min(1), torch.zeros_like(tp))
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), torch.zeros_like(tp))
+    present = support > 0
+    names = list(class_names) if class_names is not None else [str(i) for i in range(C)]
+    per_class = [
+        {"class": names[c], "support": int(support[c]), "precision": 100 * float(precision[c]),
+         "recall": 100 * float(recall[c]), "f1": 100 * float(f1[c])}
+        for c in range(C) if present[c]
+    ]
+    return {
+        "top1": 100.0 * float((pred == labels).float().mean()),
+        f"top{k}": 100.0 * float((topk == labels[:, None]).any(1).float().mean()),
+        "macro_precision": 100.0 * float(precision[present].mean()),
+        "macro_recall": 100.0 * float(recall[present].mean()),
+        "macro_f1": 100.0 * float(f1[present].mean()),
+        "n": int(n),
+        "per_class": per_class,
+    }
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts; row = true class, column = predicted class."""
+    idx = labels.long() * num_classes + pred.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def plot_confusion(conf: torch.Tensor, class_names: Sequence[str], path: Any, max_classes: int = 40, title: str = "") -> Any:
+    """A row-normalised confusion-matrix PNG (the most frequent ``max_classes`` classes when there are more)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = conf.float()
+    keep = conf.sum(1).argsort(descending=True)[:max_classes].sort().values
+    sub = conf[keep][:, keep]
+    norm = sub / sub.sum(1, keepdim=True).clamp_min(1)
+    names = [class_names[i] for i in keep.tolist()]
+    size = max(4.0, 0.28 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"confusion (row-normalised, {len(names)} of {conf.shape[0]} classes)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -169,6 +169,21 @@ class MultimodalModel(nn.Module):
         """Cosine similarity of every image with every text: (N_images, N_texts)."""
         return self.encode_image(images) @ self.encode_text(texts).T
 
+    def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> nn.Module:
+        """A classifier over ``class_names`` built from text alone (prompt ensemble, shared space).
+
+        Returns an :class:`~mmtransfer.transfer.ImageClassifier` mapping pixel
+        tensors or PIL images to (B, C) logits; ``.predict(images)`` gives names.
+
+        Example:
+            >>> clf = model.zero_shot_classifier(["cat", "dog"], ["a photo of a {}."])
+            >>> clf.predict([image])
+            ['cat']
+        """
+        from ..transfer import zero_shot_classifier
+
+        return zero_shot_classifier(self, class_names, templates)
+
     # -- fusion --------------------------------------------------------------------
 
     def fuse(

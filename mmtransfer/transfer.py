@@ -1,0 +1,165 @@
+"""Language -> vision transfer: zero-shot classifiers, text-initialised heads, WiSE-FT.
+
+A class is described by its name; a prompt ensemble embeds the name in the
+shared space, and an image is classified by its nearest class embedding.
+The same class embeddings initialise a linear head that can then be
+fine-tuned (linear probe, full fine-tuning, LP-FT), and WiSE-FT interpolates
+between the zero-shot and the fine-tuned weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A compact, general ensemble (after CLIP's ImageNet prompts): plain name, photo, icon and drawing styles.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "{}",
+    "a photo of {}.",
+    "a picture of {}.",
+    "an icon of {}.",
+    "a drawing of {}.",
+    "an emoji of {}.",
+    "a close-up photo of {}.",
+    "a rendering of {}.",
+)
+
+
+@torch.no_grad()
+def class_embeddings(
+    model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 512
+) -> torch.Tensor:
+    """Normalised prompt-ensemble embedding of each class name.
+
+    Every template is filled with the name, embedded and normalised; the
+    per-class mean is normalised again (CLIP's ensembling).
+
+    Shapes:
+        -> (C, E) for C class names.
+
+    Example:
+        >>> w = class_embeddings(model, ["cat", "dog"], ["a photo of a {}."])
+        >>> w.shape
+        torch.Size([2, 256])
+    """
+    templates = list(templates or DEFAULT_TEMPLATES)
+    if not class_names:
+        raise ValueError("class_names is empty: give at least one class name.")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"Every template needs a '{{}}' where the class name goes; these have none: {bad}.")
+    prompts = [t.format(name) for name in class_names for t in templates]  # C * K
+    was_training = model.training
+    model.eval()
+    chunks = [model.encode_text(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    model.train(was_training)
+    emb = torch.cat(chunks).view(len(class_names), len(templates), -1)  # (C, K, E)
+    return F.normalize(emb.mean(1), dim=-1)  # (C, E)
+
+
+class LinearHead(nn.Module):
+    """A linear classifier over shared-space embeddings: logits = z W^T + b.
+
+    Shapes:
+        (B, E) -> (B, C)
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros(weight.shape[0]))
+
+    @classmethod
+    def from_text(cls, model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None) -> "LinearHead":
+        """Weights = logit scale * class-name embeddings: the zero-shot classifier as a trainable head."""
+        w = class_embeddings(model, class_names, templates) * model.get_logit_scale().detach()  # (C, E)
+        return cls(w)
+
+    @classmethod
+    def random(cls, num_classes: int, dim: int, seed: int = 0) -> "LinearHead":
+        """A randomly initialised head of the same shape (the baseline for text initialisation)."""
+        g = torch.Generator().manual_seed(seed)
+        bound = 1.0 / dim**0.5
+        return cls((torch.rand(num_classes, dim, generator=g) * 2 - 1) * bound)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, self.weight, self.bias)
+
+
+class ImageClassifier(nn.Module):
+    """Image tower -> shared-space projection -> (normalised) -> linear head.
+
+    With the text-initialised head this is exactly the zero-shot classifier,
+    and every part can then be trained.
+
+    Args:
+        model: a :class:`~mmtransfer.MultimodalModel` (only its image side is kept).
+        head: the classifier over (B, E) embeddings.
+        class_names: names of the C classes, in head order.
+
+    Shapes:
+        pixel_values (B, 3, S, S) or a list of PIL images -> logits (B, C).
+    """
+
+    def __init__(self, model: Any, head: LinearHead, class_names: Sequence[str]) -> None:
+        super().__init__()
+        self.image_encoder = model.image_encoder
+        self.image_projection = model.image_projection
+        self.head = head
+        self.class_names = list(class_names)
+
+    @property
+    def preprocessor(self) -> Any:
+        return self.image_encoder.preprocessor
+
+    def embed(self, pixel_values: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, E) normalised embeddings, from pixels or from cached pooled tower features (B, Di)."""
+        if pooled is None:
+            pooled = self.image_encoder(pixel_values).pooled  # (B, Di)
+        return F.normalize(self.image_projection(pooled), dim=-1)  # (B, E)
+
+    def forward(self, images: Any) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            images = self.preprocessor(images).to(self.head.weight.device)
+        return self.head(self.embed(images))  # (B, C)
+
+    @torch.no_grad()
+    def predict(self, images: Any) -> list[str]:
+        """Class names of the most likely classes."""
+        return [self.class_names[i] for i in self(images).argmax(-1).tolist()]
+
+
+def zero_shot_classifier(model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None) -> ImageClassifier:
+    """The zero-shot classifier of ``model`` for ``class_names`` (see :meth:`MultimodalModel.zero_shot_classifier`)."""
+    return ImageClassifier(model, LinearHead.from_text(model, class_names, templates), class_names)
+
+
+def wise_ft(zero_shot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT: (1 - alpha) * zero-shot + alpha * fine-tuned, for every floating-point tensor.
+
+    alpha = 0 gives the zero-shot weights, 1 the fine-tuned ones. Integer
+    buffers (e.g. batch-norm counters) are taken from the fine-tuned model.
+
+    Example:
+        >>> wise_ft({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"]
+        tensor([0.2500, 0.2500])
+    """
+    if zero_shot.keys() != finetuned.keys():
+        missing = sorted(set(zero_shot) ^ set(finetuned))[:5]
+        raise ValueError(f"WiSE-FT needs two state dicts of the same model; keys differ: {missing}.")
+    out = {}
+    for k, ft in finetuned.items():
+        zs = zero_shot[k]
+        out[k] = torch.lerp(zs.float(), ft.float(), alpha).to(ft.dtype) if ft.is_floating_point() else ft.clone()
+    return out
+
+
+def interpolated(classifier: ImageClassifier, zero_shot: dict[str, torch.Tensor], alpha: float) -> ImageClassifier:
+    """A copy of ``classifier`` with WiSE-FT weights at mixing coefficient ``alpha``."""
+    out = copy.deepcopy(classifier)
+    out.load_state_dict(wise_ft(zero_shot, classifier.state_dict(), alpha))
+    return out
