@@ -102,6 +102,21 @@ def test_fusion_padding_mask_in_both_directions(bidirectional):
     torch.testing.assert_close(a.tokens[mask.bool()], b.tokens[mask.bool()])
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_shared_image_rows_equal_expanded_images(bidirectional):
+    """Pairing texts with shared image rows (as ITM does) gives what copying the images gives."""
+    torch.manual_seed(0)
+    fusion = Fusion(FusionConfig(num_layers=2, num_heads=4, bidirectional=bidirectional), 24, 20, 32).eval()
+    text, mask = torch.randn(6, 5, 24), torch.ones(6, 5, dtype=torch.long)
+    image = torch.randn(3, 9, 20)
+    index = torch.tensor([0, 1, 2, 0, 1, 0])
+    with torch.no_grad():
+        shared = fusion(text, mask, image, image_index=index)
+        copied = fusion(text, mask, image[index])
+    torch.testing.assert_close(shared.pooled, copied.pooled)
+    torch.testing.assert_close(shared.itm_logits, copied.itm_logits)
+
+
 def test_save_load_round_trip_is_identical(tiny_model, tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     tok = tiny_model.tokenize(["a dog", "a blue car on a road"])

@@ -55,8 +55,9 @@ class MatchingLoss(nn.Module):
     hardest. The labels are [match] * B + [no match] * 2B.
 
     Args of ``forward``:
-        fuse: callable (text_tokens (n, T, D), text_mask (n, T), image_tokens (n, P, D)) -> FusionOutput,
-            e.g. ``fusion.fuse_projected`` on tokens already at the fusion width.
+        fuse: callable (text_tokens (3B, T, D), text_mask (3B, T), image_tokens (B, P, D),
+            image_index=(3B,)) -> FusionOutput, e.g. ``fusion.fuse_projected`` on tokens
+            already at the fusion width.
         image_tokens (B, P, Di), text_tokens (B, T, Dt), text_mask (B, T);
         sim_i2t: (B, B) contrastive logits of local images against local texts;
         group_ids: (B,) or None.
@@ -75,10 +76,11 @@ class MatchingLoss(nn.Module):
         B = image_tokens.shape[0]
         neg_text = sample_hard_negatives(sim_i2t, group_ids, generator)  # (B,) a text for each image
         neg_image = sample_hard_negatives(sim_i2t.T, group_ids, generator)  # (B,) an image for each text
-        images = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]], dim=0)  # (3B, P, Di)
+        own = torch.arange(B, device=image_tokens.device)
+        image_index = torch.cat([own, own, neg_image])  # (3B,) rows of image_tokens, shared not copied
         texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens], dim=0)  # (3B, T, Dt)
         masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)  # (3B, T)
-        logits = fuse(texts, masks, images).itm_logits.float()  # (3B, 2)
+        logits = fuse(texts, masks, image_tokens, image_index=image_index).itm_logits.float()  # (3B, 2)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)  # (3B,)
         loss = F.cross_entropy(logits, labels)
         with torch.no_grad():

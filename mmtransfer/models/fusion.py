@@ -63,11 +63,16 @@ class Attention(nn.Module):
         context: torch.Tensor,
         key_mask: torch.Tensor | None = None,
         need_weights: bool = False,
+        context_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``context_index`` (B,) picks a context row per query row, so keys and values are
+        computed once per distinct context (B_ctx, Tk, W) and shared by the rows that use it."""
         B, Tq, W = x.shape
-        Tk = context.shape[1]
+        Bc, Tk = context.shape[:2]
         q = self.q(x).view(B, Tq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Tq, d)
-        k, v = self.kv(context).view(B, Tk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Tk, d)
+        k, v = self.kv(context).view(Bc, Tk, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 2 x (Bc, H, Tk, d)
+        if context_index is not None:
+            k, v = k[context_index], v[context_index]  # 2 x (B, H, Tk, d)
         mask = key_mask[:, None, None, :].bool() if key_mask is not None else None  # (B, 1, 1, Tk)
         drop = self.dropout if self.training else 0.0
         if need_weights:
@@ -110,11 +115,16 @@ class FusionLayer(nn.Module):
             self.norm_img_mlp, self.img_mlp = nn.LayerNorm(width), MLP(width, r, p)
 
     def forward(
-        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, need_weights: bool = False
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        need_weights: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         t = self.norm_self(text)
         text = text + self.drop(self.self_attn(t, t, text_mask)[0])  # (B, T, W)
-        cross, weights = self.cross_attn(self.norm_cross(text), self.norm_ctx(image), None, need_weights)
+        cross, weights = self.cross_attn(self.norm_cross(text), self.norm_ctx(image), None, need_weights, image_index)
         text = text + self.drop(cross)  # (B, T, W)
         text = text + self.drop(self.mlp(self.norm_mlp(text)))
         if self.bidirectional:
@@ -141,6 +151,7 @@ class Fusion(nn.Module):
         super().__init__()
         self.text_in = nn.Linear(text_width, width)
         self.image_in = nn.Linear(image_width, width)
+        self.bidirectional = config.bidirectional
         self.layers = nn.ModuleList(FusionLayer(config, width) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(width)
         self.itm_head = nn.Linear(width, 2)
@@ -151,22 +162,32 @@ class Fusion(nn.Module):
         text_mask: torch.Tensor,
         image_tokens: torch.Tensor,
         output_attentions: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> FusionOutput:
         text = self.text_in(text_tokens)  # (B, T, W)
-        image = self.image_in(image_tokens)  # (B, P, W)
-        return self.fuse_projected(text, text_mask, image, output_attentions)
+        image = self.image_in(image_tokens)  # (B_img, P, W)
+        return self.fuse_projected(text, text_mask, image, output_attentions, image_index)
 
     def fuse_projected(
-        self, text: torch.Tensor, text_mask: torch.Tensor, image: torch.Tensor, output_attentions: bool = False
+        self,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        image: torch.Tensor,
+        output_attentions: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> FusionOutput:
-        """The layers on tokens already projected to the fusion width: (B, T, W), (B, T), (B, P, W).
+        """The layers on tokens already projected to the fusion width: (B, T, W), (B, T), (B_img, P, W).
 
-        Image-text matching fuses every image three times (positive, negative
-        text, as a negative); projecting once and indexing saves that work.
+        ``image_index`` (B,) pairs text row b with image row ``image_index[b]``.
+        Image-text matching fuses every image three times (with its caption, with
+        a negative caption, as a negative image); sharing the image rows saves
+        their projections, norms, keys and values. Without it, B_img = B.
         """
+        if image_index is not None and self.bidirectional:
+            image, image_index = image[image_index], None  # image tokens change per pair: expand
         attentions = []
         for layer in self.layers:
-            text, image, weights = layer(text, text_mask, image, output_attentions)
+            text, image, weights = layer(text, text_mask, image, output_attentions, image_index)
             if output_attentions:
                 attentions.append(weights)  # (B, H, T, P)
         tokens = self.norm(text)  # (B, T, W)
