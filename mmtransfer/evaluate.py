@@ -141,3 +141,56 @@ def plot_confusion(conf: torch.Tensor, class_names: Sequence[str], path: Any, ma
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def rerank_recall_at_k(
+    sims: torch.Tensor,
+    text_image_index: torch.Tensor,
+    pair_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    k: int = 10,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_pairs: int = 512,
+) -> dict[str, float]:
+    """Recall@K after re-ranking each query's top ``k`` candidates with a pair scorer (ALBEF).
+
+    The dual encoder proposes the top ``k`` candidates by cosine similarity;
+    ``pair_scores(image_idx, text_idx)`` (the fusion layer's matching logit)
+    re-orders them. Only R@K for K <= ``k`` is reported (beyond it the order is
+    the dual encoder's, see :func:`recall_at_k`).
+
+    Shapes:
+        sims: (N_i, N_t); text_image_index: (N_t,); pair_scores: (n,), (n,) -> (n,).
+    """
+    n_img, n_txt = sims.shape
+    k = min(k, n_img, n_txt)
+    owner = text_image_index.long()
+
+    def reranked_hits(cand: torch.Tensor, score_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """For each query (row of ``cand``, its top-k candidates): rank of the first correct one after re-ranking."""
+        q = torch.arange(cand.shape[0]).repeat_interleave(k)  # (Q*k,)
+        c = cand.reshape(-1)  # (Q*k,)
+        scores = torch.cat([score_rows(q[i:i + batch_pairs], c[i:i + batch_pairs]) for i in range(0, len(q), batch_pairs)])
+        order = scores.view(-1, k).argsort(dim=1, descending=True)  # (Q, k)
+        reordered = cand.gather(1, order)  # (Q, k)
+        ok = correct(torch.arange(cand.shape[0])[:, None].expand_as(reordered), reordered)  # (Q, k) bool
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((cand.shape[0],), k))  # k = not in top-k
+        return first
+
+    # Image -> text: candidates are texts.
+    i2t_cand = sims.topk(k, dim=1).indices  # (N_i, k)
+    i2t_rank = reranked_hits(i2t_cand, lambda q, c: pair_scores(q, c), lambda q, c: owner[c] == q)
+    # Text -> image: candidates are images.
+    t2i_cand = sims.T.topk(k, dim=1).indices  # (N_t, k)
+    t2i_rank = reranked_hits(t2i_cand, lambda q, c: pair_scores(c, q), lambda q, c: c == owner[q])
+    out: dict[str, float] = {}
+    has_caption = torch.zeros(n_img, dtype=torch.bool)
+    has_caption[owner] = True
+    for kk in ks:
+        if kk <= k:
+            out[f"i2t_R@{kk}"] = 100.0 * float((i2t_rank[has_caption] < kk).float().mean())
+    for kk in ks:
+        if kk <= k:
+            out[f"t2i_R@{kk}"] = 100.0 * float((t2i_rank < kk).float().mean())
+    return out

@@ -57,6 +57,9 @@ class CaptionDataSection:
     feature_cache_dir: str | None = None
     # Batch size of evaluation and feature caching.
     eval_batch_size: int = 128
+    # Also report retrieval after re-ranking each query's top K candidates with the
+    # fusion layer's matching score (ALBEF-style; 0 disables).
+    rerank_k: int = 0
 
 
 @dataclass
@@ -236,7 +239,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     def evaluate(task: Any, acc: Any, prepared: dict[str, Any]) -> dict[str, float]:
         if "validation/images" not in prepared:
             return {}
-        out = task.evaluate_retrieval(acc, prepared["validation/images"], prepared["validation/captions"])
+        out = task.evaluate_retrieval(acc, prepared["validation/images"], prepared["validation/captions"], cfg.data.rerank_k)
         return {f"val/{k}": v for k, v in out.items()}
 
     summary_extra = {"data": {k: r.to_dict() for k, r in reports.items()},
@@ -250,7 +253,8 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         task_ = accelerator.unwrap_model(trainer.task)
         task_.eval()
         with torch.no_grad():
-            test_metrics = task_.evaluate_retrieval(accelerator, trainer.eval_loaders["test/images"], trainer.eval_loaders["test/captions"])
+            test_metrics = task_.evaluate_retrieval(accelerator, trainer.eval_loaders["test/images"],
+                                                    trainer.eval_loaders["test/captions"], cfg.data.rerank_k)
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
                "steps": result.step, "validation": result.metrics, "test": test_metrics}
     if accelerator.is_main_process:

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .evaluate import embed_all, recall_at_k
+from .evaluate import embed_all, recall_at_k, rerank_recall_at_k
 from .losses import ContrastiveLoss, MatchingLoss
 from .models.multimodal import MultimodalModel
 from .models.outputs import ImageEncoderOutput, TextEncoderOutput
@@ -103,12 +104,55 @@ class CaptionTask(nn.Module):
         return TaskOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
-    def evaluate_retrieval(self, accelerator: Any, images: Any, captions: Any) -> dict[str, float]:
-        """Recall@1/5/10 both ways over an image loader and a caption loader (several captions per image)."""
+    def evaluate_retrieval(self, accelerator: Any, images: Any, captions: Any, rerank_k: int = 0) -> dict[str, float]:
+        """Recall@1/5/10 both ways over an image loader and a caption loader (several captions per image).
+
+        With ``rerank_k > 0`` and a fusion layer, also report recall after re-ranking
+        each query's top ``rerank_k`` candidates by the image-text matching score
+        (keys prefixed ``itm_``), as ALBEF retrieves.
+        """
         model = self.model
-        zi, ii = embed_all(images, lambda b: model.project_image(self.image_features(b).pooled), accelerator)
-        zt, ti = embed_all(captions, lambda b: model.project_text(self.text_features(b).pooled), accelerator)
+        rerank = rerank_k > 0 and model.fusion is not None
+        T = model.text_encoder.config.max_length
+        img_tok: list[torch.Tensor] = []
+        txt_tok: list[torch.Tensor] = []
+        txt_mask: list[torch.Tensor] = []
+
+        def embed_images(b: dict[str, Any]) -> torch.Tensor:
+            f = self.image_features(b)
+            if rerank:
+                img_tok.append(_gather(accelerator, f.tokens.float()))
+            return model.project_image(f.pooled)
+
+        def embed_texts(b: dict[str, Any]) -> torch.Tensor:
+            f = self.text_features(b)
+            if rerank:  # pad to a fixed length so batches (and processes) concatenate
+                pad = T - f.tokens.shape[1]
+                txt_tok.append(_gather(accelerator, F.pad(f.tokens.float(), (0, 0, 0, pad))))
+                txt_mask.append(_gather(accelerator, F.pad(f.attention_mask, (0, pad))))
+            return model.project_text(f.pooled)
+
+        zi, ii = embed_all(images, embed_images, accelerator)
+        zt, ti = embed_all(captions, embed_texts, accelerator)
         order = ii.argsort()
         if not torch.equal(ii[order], torch.arange(len(ii))):
             raise ValueError("The image loader must yield every image_index from 0 to N-1 exactly once.")
-        return recall_at_k(zi[order], zt, ti)
+        out = recall_at_k(zi[order], zt, ti)
+        if rerank:
+            tokens_i = torch.cat(img_tok)[order]  # (N_i, P, Di)
+            tokens_t, masks_t = torch.cat(txt_tok), torch.cat(txt_mask)  # (N_t, T, Dt), (N_t, T)
+            device = model.device
+
+            def pair_scores(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+                uniq, inv = image_idx.unique(return_inverse=True)
+                logits = model.fusion(tokens_t[text_idx].to(device), masks_t[text_idx].to(device),
+                                      tokens_i[uniq].to(device), image_index=inv.to(device)).itm_logits.float()
+                return (logits[:, 1] - logits[:, 0]).cpu()
+
+            sims = zi[order] @ zt.T  # (N_i, N_t)
+            out.update({f"itm_{k}": v for k, v in rerank_recall_at_k(sims, ti, pair_scores, k=rerank_k).items()})
+        return out
+
+
+def _gather(accelerator: Any, x: torch.Tensor) -> torch.Tensor:
+    return (accelerator.gather_for_metrics(x.contiguous()) if accelerator is not None else x).cpu()

@@ -541,5 +541,5 @@ def setup_logging(level: int = logging.INFO) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "timm"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "timm", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -31,12 +31,13 @@ def main() -> None:
 
 
 def _report(summary: dict) -> str:
-    lines = ["", "Retrieval (recall@K, %)", f"{'split':<12}{'i2t R@1':>9}{'i2t R@5':>9}{'i2t R@10':>10}{'t2i R@1':>9}{'t2i R@5':>9}{'t2i R@10':>10}"]
+    lines = ["", "Retrieval (recall@K, %; +ITM: top candidates re-ranked by the fusion layer)", f"{'split':<12}{'i2t R@1':>9}{'i2t R@5':>9}{'i2t R@10':>10}{'t2i R@1':>9}{'t2i R@5':>9}{'t2i R@10':>10}"]
+    cols = (("i2t_R@1", 9), ("i2t_R@5", 9), ("i2t_R@10", 10), ("t2i_R@1", 9), ("t2i_R@5", 9), ("t2i_R@10", 10))
     for name, metrics in (("validation", summary["validation"]), ("test", summary["test"])):
         m = {k.split("/")[-1]: v for k, v in metrics.items()}
-        if m:
-            lines.append(f"{name:<12}" + "".join(f"{m.get(k, float('nan')):>{w}.1f}" for k, w in (
-                ("i2t_R@1", 9), ("i2t_R@5", 9), ("i2t_R@10", 10), ("t2i_R@1", 9), ("t2i_R@5", 9), ("t2i_R@10", 10))))
+        for prefix, label in (("", name), ("itm_", f"{name}+ITM")):
+            if any(k.startswith(prefix) and (prefix or not k.startswith("itm_")) for k in m):
+                lines.append(f"{label:<12}" + "".join(f"{m.get(prefix + k, float('nan')):>{w}.1f}" for k, w in cols))
     lines += ["", f"Run folder: {summary['run_dir']}", f"Model:      {summary['model_dir']}", "",
               "Load it and embed an image:",
               "  import mmtransfer",

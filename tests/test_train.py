@@ -240,3 +240,19 @@ def test_two_process_contrastive_equals_single_process(tmp_path, with_groups):
     # Each rank's gradient covers every rank's loss; DDP divides by the world size.
     torch.testing.assert_close(torch.cat([p["ga"] for p in parts]) / 2, a.grad)
     torch.testing.assert_close(torch.cat([p["gb"] for p in parts]) / 2, b.grad)
+
+
+def test_rerank_recall_uses_the_pair_scorer():
+    from mmtransfer.evaluate import rerank_recall_at_k
+
+    torch.manual_seed(0)
+    sims = torch.randn(6, 6)
+    owner = torch.arange(6)
+    # A perfect matcher lifts every query whose answer is in the top k to rank 1.
+    perfect = lambda i, t: (owner[t] == i).float()  # noqa: E731
+    out = rerank_recall_at_k(sims, owner, perfect, k=6, ks=(1, 5))
+    assert out["i2t_R@1"] == 100.0 and out["t2i_R@1"] == 100.0
+    # A scorer that repeats the similarities changes nothing.
+    same = rerank_recall_at_k(sims, owner, lambda i, t: sims[i, t], k=6, ks=(1, 5))
+    base_i2t = 100.0 * float((sims.argmax(1) == owner).float().mean())
+    assert same["i2t_R@1"] == base_i2t
