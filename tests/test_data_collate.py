@@ -174,13 +174,20 @@ def test_paired_loader_with_accelerate_prepared_loaders():
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    source, target = accelerator.prepare(_ids_loader(8, 2, 0), _ids_loader(4, 2, 0))
 
-    def epoch(seed):
-        return [(b["source"].tolist(), b["target"].tolist()) for b in PairedLoader(source, target, seed=seed)]
+    def prepared():
+        return accelerator.prepare(_ids_loader(8, 2, 0), _ids_loader(4, 2, 0))
 
-    one = epoch(0)
-    assert len(one) == 4 and sorted(sum((s for s, _ in one), [])) == list(range(8))
+    def epoch(pairs):
+        return [(b["source"].tolist(), b["target"].tolist()) for b in pairs]
+
+    pairs = PairedLoader(*prepared(), seed=0)
+    first, second = epoch(pairs), epoch(pairs)
+    assert len(first) == 4 and sorted(sum((s for s, _ in first), [])) == list(range(8))
+    assert first != second
+    resumed = PairedLoader(*prepared(), seed=0)
+    resumed.set_epoch(1)  # a fresh process resuming at epoch 1 sees the same batches
+    assert epoch(resumed) == second
 
 
 # ----------------------------------------------------------------------------- retrieval

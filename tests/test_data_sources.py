@@ -75,6 +75,9 @@ def test_caption_table_with_labels_and_json_list(tmp_path):
     assert ds["label"] == [0, 1]
     ds = load(table, class_names=["dog", "cat"])  # class_names fix the order
     assert ds["label"] == [1, 0]
+    labels_only = write_csv(tmp_path / "labels.csv", ["file_name", "label"], [["a.png", "tabby cat"], ["b.png", "dog"]])
+    ds = load(labels_only)
+    assert ds["captions"] == [["tabby cat"], ["dog"]]  # class names stand in for captions
 
 
 def test_relative_paths_resolve_against_the_table_folder(tmp_path):

@@ -323,9 +323,19 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
         problems.extend(cps)
         kept.append(rec)
     _note_unlisted_images(path, records, root)
-    dataset = _records_to_dataset(kept, bool(caption_cols), labels.names if labels else None)
+    if not caption_cols and labels is not None:
+        # A labelled table without captions: the class name is the caption (as for class folders).
+        for rec in kept:
+            rec["captions"] = [labels.names[rec["label"]]] if rec["label"] is not None else []
+    dataset = _records_to_dataset(kept, bool(caption_cols) or labels is not None, labels.names if labels else None)
     wheres = [_join_wheres(r["wheres"]) for r in kept]
+    problems.sort(key=lambda p: _row_number(p.where))
     return Staged(dataset, source, config.split, problems, wheres)
+
+
+def _row_number(where: str) -> int:
+    found = re.search(r"(?:line|item|row|index)s? (\d+)", where)
+    return int(found.group(1)) if found else 0
 
 
 def _join_wheres(wheres: list[str]) -> str:
