@@ -132,3 +132,15 @@ def shared_data_dir() -> Path | None:
         if (candidate / "mnist5k.npz").is_file():
             return candidate
     return None
+
+
+def shared_cache_dir(request: Any, tmp_path_factory: Any) -> str:
+    """Where tests cache built sets: $MMTRANSFER_CACHE_DIR, else pytest's cache folder (kept between
+    runs, so the emoji sets build once), else a temporary folder (with -p no:cacheprovider)."""
+    env = os.environ.get("MMTRANSFER_CACHE_DIR")
+    if env:
+        return env
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return str(cache.mkdir("mmtransfer-cache"))
+    return str(tmp_path_factory.mktemp("mmtransfer-cache"))

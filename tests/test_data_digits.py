@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import numpy as np
@@ -11,21 +10,20 @@ import pytest
 from mmtransfer.data import DataError, load
 
 try:
-    from data_helpers import shared_data_dir
+    from data_helpers import shared_cache_dir, shared_data_dir
 except ImportError:  # tests/ collected as a package
-    from tests.data_helpers import shared_data_dir
+    from tests.data_helpers import shared_cache_dir, shared_data_dir
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 @pytest.fixture
-def data_dir(monkeypatch, request):
+def data_dir(monkeypatch, request, tmp_path_factory):
     folder = shared_data_dir()
     if folder is None:
         pytest.skip("The digit archives are absent: set MMTRANSFER_DATA_DIR to the folder with mnist5k.npz, usps.npz, mnist_m.npz")
     monkeypatch.setenv("MMTRANSFER_DATA_DIR", str(folder))  # the code reads the folder through the variable
-    cache = os.environ.get("MMTRANSFER_CACHE_DIR") or str(request.config.cache.mkdir("mmtransfer-cache"))
-    monkeypatch.setenv("MMTRANSFER_CACHE_DIR", cache)
+    monkeypatch.setenv("MMTRANSFER_CACHE_DIR", shared_cache_dir(request, tmp_path_factory))
     return folder
 
 

@@ -20,6 +20,11 @@ from mmtransfer.data import DataError, load
 from mmtransfer.data import emoji_sets as E
 from mmtransfer.data.config import DEFAULT_NOTO_FONT, DataConfig
 
+try:
+    from data_helpers import shared_cache_dir
+except ImportError:  # tests/ collected as a package
+    from tests.data_helpers import shared_cache_dir
+
 NOTO_PRESENT = Path(os.environ.get("MMTRANSFER_NOTO_FONT", DEFAULT_NOTO_FONT)).is_file()
 needs_noto = pytest.mark.skipif(not NOTO_PRESENT, reason="Noto Color Emoji is not installed (apt-get install fonts-noto-color-emoji)")
 SPLITS = ("train", "validation", "test", "unseen")
@@ -167,8 +172,8 @@ def test_cache_key_covers_versions_font_and_settings(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(request):
-    return os.environ.get("MMTRANSFER_CACHE_DIR") or str(request.config.cache.mkdir("mmtransfer-cache"))
+def cache_dir(request, tmp_path_factory):
+    return shared_cache_dir(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
