@@ -37,12 +37,27 @@ def components(ds, collate, batch_size: int) -> dict[str, float]:
     return {"decode PNG": decode / batch_size, "preprocess": pre / batch_size, "tokenize": tok / batch_size}
 
 
-def run(ds, collate, batch_size: int, workers: int, epochs: int) -> tuple[int, float]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes (Linux /proc), so that throughput per CPU-second can be
+    reported even when other jobs share the machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def run(ds, collate, batch_size: int, workers: int, epochs: int) -> tuple[int, float, float]:
     """Steady-state throughput: one untimed epoch first, then ``epochs`` timed ones.
 
     The untimed epoch absorbs worker start-up and first-touch memory costs (large
     on a fresh VM, where a process's first few hundred MB of page faults are slow);
-    workers persist across epochs as they would in training.
+    workers persist across epochs as they would in training. Returns images, wall
+    seconds and CPU seconds (main process and workers).
     """
     from mmtransfer.data import make_loader
 
@@ -50,12 +65,14 @@ def run(ds, collate, batch_size: int, workers: int, epochs: int) -> tuple[int, f
                          drop_last=True, persistent_workers=workers > 0)
     for _ in loader:
         pass
+    pids = [os.getpid()] + ([w.pid for w in loader._iterator._workers] if workers > 0 else [])
     images = 0
+    cpu = cpu_seconds(pids)
     start = time.perf_counter()
     for _ in range(epochs):
         for batch in loader:
             images += batch["pixel_values"].shape[0]
-    return images, time.perf_counter() - start
+    return images, time.perf_counter() - start, cpu_seconds(pids) - cpu
 
 
 def main() -> None:
@@ -94,14 +111,17 @@ def main() -> None:
     collate = CaptionCollator(tokenizer, preprocessor, max_length=64, train=True)
     per = components(undecoded(ds), collate, args.batch_size)
     print("per image, one process: " + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in per.items()))
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average before the runs: {load_avg:.1f} (other jobs on the machine lower the wall-clock numbers; "
+          "images per CPU-second does not depend on them)")
     print()
-    print("| workers | augmentation | images | seconds | images/s |")
-    print("|--------:|:-------------|-------:|--------:|---------:|")
+    print("| workers | augmentation | images | seconds | images/s | CPU s | images per CPU-s |")
+    print("|--------:|:-------------|-------:|--------:|---------:|------:|-----------------:|")
     for workers in args.workers:
         for name, aug in (("none (eval resize+crop)", None), ("random resized crop + colour jitter", augment)):
             collate = CaptionCollator(tokenizer, preprocessor, max_length=64, train=True, augment=aug)
-            images, seconds = run(ds, collate, args.batch_size, workers, args.epochs)
-            print(f"| {workers} | {name} | {images} | {seconds:.1f} | {images / seconds:.0f} |", flush=True)
+            images, seconds, cpu = run(ds, collate, args.batch_size, workers, args.epochs)
+            print(f"| {workers} | {name} | {images} | {seconds:.1f} | {images / seconds:.0f} | {cpu:.1f} | {images / cpu:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

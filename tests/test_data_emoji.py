@@ -112,6 +112,16 @@ def test_rendered_views(openmoji_font):
     assert plain[48, 48, 0] > 200 and plain[48, 48, 2] < 120  # the face is yellow: colour, not grey
 
 
+def test_parallel_rendering_matches_sequential():
+    small = E._openmoji_font(32)  # a small font keeps this quick
+    entries = E.emoji_entries()[:210]  # enough to use the process pool
+    assert E._processes(2, len(entries)) in (1, 2)
+    sequential = E._run(small, entries, 32, True, False, "", num_proc=1)
+    parallel = E._run(small, entries, 32, True, False, "", num_proc=2)
+    assert parallel == sequential
+    assert all(len(pngs) == 4 for reason, pngs in sequential if reason is None)
+
+
 @needs_noto
 def test_noto_rejections():
     font = E._noto_font(DataConfig())
