@@ -295,11 +295,13 @@ class PairedLoader:
 
     def _start(self, loader: Iterable[Any], role: str, epoch: int, pass_index: int) -> Iterator[Any]:
         seed = _stable_seed("paired", self.seed, role, epoch, pass_index) % (2**63)
+        # Plain DataLoaders shuffle with their generator; Accelerate's keep it (or a seedable
+        # sampler that set_epoch reseeds). Seeding every generator found gives the same order
+        # in a straight run and after a resume, on every process.
+        for generator in _generators(loader):
+            generator.manual_seed(seed)
         if hasattr(loader, "set_epoch"):
-            # Accelerate's loaders (and samplers) shuffle by seed + epoch: give every pass its own number.
             loader.set_epoch(epoch * 100_003 + pass_index)  # type: ignore[attr-defined]
-        elif getattr(loader, "generator", None) is not None:
-            loader.generator.manual_seed(seed)  # type: ignore[attr-defined]
         return iter(loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -322,6 +324,22 @@ class PairedLoader:
                         raise DataError(f"The {role} loader yields no batches (empty data set, or drop_last with fewer rows than a batch).") from None
             yield batch
         self.epoch = epoch + 1
+
+
+def _generators(loader: Any) -> list[Any]:
+    """The torch generators that decide a loader's order (its own, its sampler's, Accelerate's)."""
+    import torch
+
+    found: list[Any] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    base = getattr(loader, "base_dataloader", None)
+    for owner in (loader, sampler, getattr(batch_sampler, "sampler", None), batch_sampler, base, getattr(base, "sampler", None)):
+        for name in ("generator", "synchronized_generator"):
+            gen = getattr(owner, name, None) if owner is not None else None
+            if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
+                found.append(gen)
+    return found
 
 
 def _length(loader: Iterable[Any], role: str) -> int:

@@ -89,6 +89,9 @@ class DataConfig:
     # noto-emoji: the font file. None: the environment variable MMTRANSFER_NOTO_FONT,
     # else Debian's /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf.
     noto_font: str | None = None
+    # Processes that render the emoji sets when they are first built; None uses every
+    # available core. (Does not change the result.)
+    num_proc: int | None = None
     # Hub sets: the dataset configuration (subset) name passed to load_dataset.
     hub_config: str | None = None
     # Progress bar for long scans and builds: None shows one above a few hundred

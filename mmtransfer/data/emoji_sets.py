@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mmtransfer.data")
 
 # Bump when the rendering or the layout of the built sets changes: caches rebuild.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 VIEWS = 4
 VIEW_SPLIT = {0: "train", 1: "train", 2: "validation", 3: "test"}
 UNSEEN_PERCENT = 20
@@ -348,7 +348,7 @@ def render_view(glyph: "Image.Image", reference_side: float, params: ViewParams,
         w, h = max(1, round(w * k)), max(1, round(h * k))
     art = glyph.resize((w, h), Image.Resampling.LANCZOS)
     if params.angle:
-        art = art.rotate(params.angle, resample=Image.Resampling.BICUBIC, expand=True)
+        art = art.rotate(params.angle, resample=Image.Resampling.BILINEAR, expand=True)
         if max(art.size) > size:
             k = size / max(art.size)
             art = art.resize((max(1, round(art.width * k)), max(1, round(art.height * k))), Image.Resampling.LANCZOS)
@@ -362,18 +362,90 @@ def render_view(glyph: "Image.Image", reference_side: float, params: ViewParams,
 
 def _png(image: "Image.Image") -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=3)
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- building
 
 
-def drawable(font: EmojiFont, entries: list[EmojiEntry]) -> tuple[list[EmojiEntry], dict[str, str]]:
+# Fonts opened by pool workers, by (process, path, size). The process id is part of the key:
+# FreeType reads a font file lazily through its own file handle, and a forked child must not
+# share its parent's handle (and file offset).
+_FONTS: dict[tuple[int, str, int], EmojiFont] = {}
+
+
+def _font_in_process(path: str, size: int, label: str) -> EmojiFont:
+    import os
+
+    key = (os.getpid(), path, size)
+    if key not in _FONTS:
+        _FONTS[key] = EmojiFont(path, size, label)
+    return _FONTS[key]
+
+
+def _work(task: tuple[str, int, str, list[str], int, bool], font: EmojiFont | None = None) -> list[tuple[str | None, list[bytes]]]:
+    """Check (and render) a chunk of emoji: (reason or None, PNG per view) for each."""
+    path, font_size, label, chars, canvas, render = task
+    font = font or _font_in_process(path, font_size, label)
+    reference_side = float(max(font.glyph_image(REFERENCE_EMOJI).size)) if render else 0.0
+    out: list[tuple[str | None, list[bytes]]] = []
+    for char in chars:
+        reason, glyph = font.inspect(char)
+        pngs = []
+        if glyph is not None and render:
+            pngs = [_png(render_view(glyph, reference_side, view_params(char, v), canvas)) for v in range(VIEWS)]
+        out.append((reason, pngs))
+    return out
+
+
+def _processes(num_proc: int | None, n_items: int) -> int:
+    import multiprocessing
+    import os
+
+    if n_items < 200 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_proc or available, available, 8))
+
+
+def _run(font: EmojiFont, entries: list[EmojiEntry], canvas: int, render: bool, progress: bool | None, desc: str, num_proc: int | None) -> list[tuple[str | None, list[bytes]]]:
+    """``_work`` over all entries, in order, in one process or a pool of forked ones."""
+    from .sources import _progress
+
+    chars = [e.char for e in entries]
+    chunk = 48
+    tasks = [(str(font.path), font.size, font.label, chars[i : i + chunk], canvas, render) for i in range(0, len(chars), chunk)]
+    bar = _progress(len(chars), progress, desc)
+    results: list[tuple[str | None, list[bytes]]] = []
+    procs = _processes(num_proc, len(chars))
+    try:
+        if procs == 1:
+            for task in tasks:
+                results.extend(_work(task, font))
+                if bar is not None:
+                    bar.update(len(task[3]))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork: the workers need only PIL and fontTools, and nothing from __main__ is re-imported
+            # (a spawned pool would re-run an unguarded user script).
+            with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork")) as pool:
+                for task, part in zip(tasks, pool.map(_work, tasks)):
+                    results.extend(part)
+                    if bar is not None:
+                        bar.update(len(task[3]))
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def drawable(font: EmojiFont, entries: list[EmojiEntry], num_proc: int | None = 1) -> tuple[list[EmojiEntry], dict[str, str]]:
     """The entries the font draws, and name -> reason for those it does not."""
     ok, left_out = [], {}
-    for e in entries:
-        reason = font.check(e.char)
+    for e, (reason, _) in zip(entries, _run(font, entries, 0, False, False, "", num_proc)):
         if reason is None:
             ok.append(e)
         else:
@@ -381,23 +453,14 @@ def drawable(font: EmojiFont, entries: list[EmojiEntry]) -> tuple[list[EmojiEntr
     return ok, left_out
 
 
-def _render_rows(font: EmojiFont, entries: list[EmojiEntry], size: int, progress: bool | None, kind: str) -> tuple[list[tuple[EmojiEntry, list[bytes]]], dict[str, str]]:
+def _render_rows(font: EmojiFont, entries: list[EmojiEntry], size: int, progress: bool | None, kind: str, num_proc: int | None = None) -> tuple[list[tuple[EmojiEntry, list[bytes]]], dict[str, str]]:
     """Check and render every entry in one pass: (entry, PNG per view) for those drawn, name -> reason for the rest."""
-    from .sources import _progress
-
-    reference_side = float(max(font.glyph_image(REFERENCE_EMOJI).size))
     rows, left_out = [], {}
-    bar = _progress(len(entries), progress, f"Rendering {kind}")
-    for e in entries:
-        reason, glyph = font.inspect(e.char)
-        if glyph is None:
-            left_out[e.name] = f"{e.char} {reason}"
+    for e, (reason, pngs) in zip(entries, _run(font, entries, size, True, progress, f"Rendering {font.label}", num_proc)):
+        if reason is None:
+            rows.append((e, pngs))
         else:
-            rows.append((e, [_png(render_view(glyph, reference_side, view_params(e.char, v), size)) for v in range(VIEWS)]))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            left_out[e.name] = f"{e.char} {reason}"
     return rows, left_out
 
 
@@ -490,13 +553,13 @@ def build_emoji_set(kind: str, config: DataConfig) -> tuple["DatasetDict", dict[
         entries = emoji_entries(config.skin_tones)
         om_font = _openmoji_font(config.image_size)
         if kind == "openmoji":
-            rendered, left_out = _render_rows(om_font, entries, config.image_size, config.progress, kind)
+            rendered, left_out = _render_rows(om_font, entries, config.image_size, config.progress, kind, config.num_proc)
             return _build(kind, [e for e, _ in rendered], rendered, om_font.path, left_out)
         # The classes (and their label ids) are OpenMoji's, so that both domains share labels;
         # the rows are the emoji both fonts draw.
-        classes, om_left_out = drawable(om_font, entries)
+        classes, om_left_out = drawable(om_font, entries, config.num_proc)
         noto = _noto_font(config)
-        rendered, noto_left_out = _render_rows(noto, classes, config.image_size, config.progress, kind)
+        rendered, noto_left_out = _render_rows(noto, classes, config.image_size, config.progress, kind, config.num_proc)
         left_out = {**{k: f"OpenMoji: {v}" for k, v in om_left_out.items()}, **{k: f"Noto: {v}" for k, v in noto_left_out.items()}}
         return _build(kind, classes, rendered, noto.path, left_out)
 

@@ -323,9 +323,19 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
         problems.extend(cps)
         kept.append(rec)
     _note_unlisted_images(path, records, root)
-    dataset = _records_to_dataset(kept, bool(caption_cols), labels.names if labels else None)
+    if not caption_cols and labels is not None:
+        # A labelled table without captions: the class name is the caption (as for class folders).
+        for rec in kept:
+            rec["captions"] = [labels.names[rec["label"]]] if rec["label"] is not None else []
+    dataset = _records_to_dataset(kept, bool(caption_cols) or labels is not None, labels.names if labels else None)
     wheres = [_join_wheres(r["wheres"]) for r in kept]
+    problems.sort(key=lambda p: _row_number(p.where))
     return Staged(dataset, source, config.split, problems, wheres)
+
+
+def _row_number(where: str) -> int:
+    found = re.search(r"(?:line|item|row|index)s? (\d+)", where)
+    return int(found.group(1)) if found else 0
 
 
 def _join_wheres(wheres: list[str]) -> str:
@@ -521,7 +531,7 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
         )
 
     problems: list[Problem] = []
-    bad_rows: dict[int, Problem] = {}
+    bad_rows: dict[int, list[Problem]] = {}
     n = len(ds)
     out = ds.select_columns([image_col])
     if image_col != "image":
@@ -538,16 +548,18 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
         paths = []
         for i, value in enumerate(_column(ds, image_col)):
             if _is_missing(value) or not str(value).strip():
-                bad_rows.setdefault(i, Problem(f"row {i}", None, f"no image file is named in column '{image_col}'", i))
+                bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, f"no image file is named in column '{image_col}'", i))
                 paths.append("")
                 continue
             p = Path(str(value)).expanduser()
             if not p.is_absolute() and root is not None:
                 p = root / p
             if not p.is_file():
-                bad_rows.setdefault(i, Problem(f"row {i}", str(value), f"the file does not exist (looked for {p})", i))
+                bad_rows.setdefault(i, []).append(Problem(f"row {i}", str(value), f"the file does not exist (looked for {p})", i))
             paths.append(str(p))
-        out = out.remove_columns("image").add_column("image", paths).cast_column("image", Image())
+        from datasets import Dataset, Features
+
+        out = Dataset.from_dict({"image": paths}, features=Features({"image": Image()}))
     elif image_feature.decode is False:
         out = out.cast_column("image", Image())
 
@@ -564,7 +576,7 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
             if captions[i]:
                 problems.extend(Problem(f"row {i}", None, r) for r in reasons)
             else:
-                bad_rows.setdefault(i, Problem(f"row {i}", None, "; ".join(reasons) + " (no caption left, so the sample is left out)", i))
+                bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, "; ".join(reasons) + " (no caption left, so the sample is left out)", i))
         out = out.add_column("captions", captions, feature=List(Value("string")))
 
     class_names = None
@@ -585,7 +597,7 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
         for i, value in enumerate(values):
             index, reason = mapper(value)
             if reason:
-                bad_rows.setdefault(i, Problem(f"row {i}", None, reason, i))
+                bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, reason, i))
                 index = 0  # placeholder; the row is reported and never used as it is
             labels.append(index)
         out = out.add_column("label", labels, feature=ClassLabel(names=class_names))
@@ -597,7 +609,7 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
     out = out.add_column("image_id", list(range(n)), feature=Value("int64"))
     order = ["image", "captions", "label", "domain", "image_id"]
     out = out.select_columns([c for c in order if c in out.column_names])
-    problems.extend(bad_rows[i] for i in sorted(bad_rows))
+    problems.extend(p for i in sorted(bad_rows) for p in bad_rows[i])
     return Staged(out, source, split, problems)
 
 
@@ -826,7 +838,8 @@ def finish(staged: Staged, config: DataConfig, scan: bool = True) -> tuple["Data
         drop = {p.row for p in problems if p.row is not None}
         if drop:
             ds = ds.select([i for i in range(len(ds)) if i not in drop])
-        skipped = len(problems)
+        # Rows left out, plus caption rows (and rows that never became samples) dropped on their own.
+        skipped = len(drop) + sum(1 for p in problems if p.row is None)
         logger.warning(
             "Skipped %d bad sample(s) of '%s' (on_bad_sample='skip'); first:\n%s",
             skipped, staged.source, "\n".join(f"  - {p}" for p in problems[:5]),

@@ -76,8 +76,12 @@ def to_rgb(image: "Image.Image", background: Sequence[int] = (255, 255, 255)) ->
         top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr = np.clip(arr / top * 255.0, 0, 255).astype("uint8")
         return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A palette entry or a colour key (PNG tRNS) marks transparent pixels: make them alpha.
+        image = image.convert("RGBA")
+        mode = image.mode
+    elif mode == "P":
+        image = image.convert("RGB")
         mode = image.mode
     if mode in ("RGBA", "LA", "La", "RGBa", "PA"):
         rgba = image.convert("RGBA")

@@ -1,0 +1,232 @@
+"""Every source kind a user already has, read into the standard columns."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
+from PIL import Image as PILImage
+
+import mmtransfer
+from mmtransfer.data import DataConfig, DataError, load, load_with_report
+
+try:
+    from data_helpers import caption_folder, save_image, write_csv, write_jsonl
+except ImportError:  # tests/ collected as a package
+    from tests.data_helpers import caption_folder, save_image, write_csv, write_jsonl
+
+
+def captions_by_file(ds: Dataset) -> dict[str, list[str]]:
+    raw = ds.cast_column("image", Image(decode=False))
+    return {row["image"]["path"].rsplit("/", 1)[-1]: row["captions"] for row in raw}
+
+
+# ----------------------------------------------------------------------------- caption folders and tables
+
+
+def test_imagefolder_metadata_jsonl_groups_captions(tmp_path):
+    root = caption_folder(tmp_path / "imgs", "jsonl")
+    ds = load(root)
+    assert len(ds) == 3
+    assert isinstance(ds.features["image"], Image)
+    assert ds.features["captions"] == List(Value("string"))
+    caps = captions_by_file(ds)
+    assert caps["a.png"] == ["a red square", "a crimson block"]  # two rows for one file
+    assert caps["b.png"] == ["a blue square", "navy"]  # a list-valued caption
+    assert caps["c.jpg"] == ["green"]
+    row = ds[0]
+    assert isinstance(row["image"], PILImage.Image) and row["image"].size == (24, 20)
+    assert row["domain"] == str(root)
+    assert sorted(ds["image_id"]) == [0, 1, 2]
+
+
+def test_imagefolder_metadata_csv(tmp_path):
+    root = caption_folder(tmp_path / "imgs", "csv")
+    out = load_with_report(root)
+    assert len(out.dataset) == 3
+    assert captions_by_file(out.dataset)["b.png"] == ["a blue square", "navy"]
+    assert out.report.ok and out.report.num_captions == 5 and out.report.checked_images == 3
+
+
+def test_caption_table_elsewhere_with_configured_columns(tmp_path):
+    images = tmp_path / "pictures"
+    save_image(images / "x.png", color=(10, 10, 10))
+    save_image(images / "y.png", color=(240, 240, 240))
+    table = write_csv(tmp_path / "tables" / "caps.csv", ["picture", "short", "long", "group"], [
+        ["x.png", "dark", "a dark square", "night"],
+        ["y.png", "light", "a light square", "day"],
+    ])
+    ds = load(table, image_column="picture", caption_column=["short", "long"], image_root=str(images), domain_column="group")
+    assert captions_by_file(ds) == {"x.png": ["dark", "a dark square"], "y.png": ["light", "a light square"]}
+    assert ds["domain"] == ["night", "day"]
+
+
+def test_caption_table_with_labels_and_json_list(tmp_path):
+    save_image(tmp_path / "a.png")
+    save_image(tmp_path / "b.png")
+    table = tmp_path / "rows.json"
+    table.write_text('[{"image": "a.png", "caption": "cat on a mat", "label": "cat"},'
+                     ' {"image": "b.png", "caption": "a dog", "label": "dog"}]')
+    ds = load(table)
+    assert ds.features["label"] == ClassLabel(names=["cat", "dog"])
+    assert ds["label"] == [0, 1]
+    ds = load(table, class_names=["dog", "cat"])  # class_names fix the order
+    assert ds["label"] == [1, 0]
+    labels_only = write_csv(tmp_path / "labels.csv", ["file_name", "label"], [["a.png", "tabby cat"], ["b.png", "dog"]])
+    ds = load(labels_only)
+    assert ds["captions"] == [["tabby cat"], ["dog"]]  # class names stand in for captions
+
+
+def test_relative_paths_resolve_against_the_table_folder(tmp_path):
+    save_image(tmp_path / "data" / "img" / "p.png")
+    write_jsonl(tmp_path / "data" / "caps.jsonl", [{"file_name": "img/p.png", "text": "a picture"}])
+    assert len(load(tmp_path / "data" / "caps.jsonl")) == 1
+
+
+# ----------------------------------------------------------------------------- labelled folders
+
+
+def test_class_folders(tmp_path):
+    for cls, n in (("golden_retriever", 2), ("cat", 3)):
+        for i in range(n):
+            save_image(tmp_path / "pets" / cls / f"{i}.png")
+    (tmp_path / "pets" / "cat" / "notes.txt").write_text("not an image, ignored")
+    ds = load(tmp_path / "pets")
+    assert ds.features["label"].names == ["cat", "golden retriever"]  # readable names for prompts
+    assert sorted(ds["label"]) == [0, 0, 0, 1, 1]
+    assert ds[4]["captions"] == ["golden retriever"]
+
+
+def test_class_folders_with_split_subfolders(tmp_path):
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            save_image(tmp_path / "set" / split / cls / "0.png")
+    ds = load(tmp_path / "set", split="test")
+    assert len(ds) == 2 and ds.features["label"].names == ["a", "b"]
+    with pytest.raises(DataError, match="split='test'|split='train'"):
+        load(tmp_path / "set")
+    with pytest.raises(DataError, match="no split sub-folder 'validation'"):
+        load(tmp_path / "set", split="validation")
+
+
+# ----------------------------------------------------------------------------- saved and hub data sets
+
+
+def _photos_dataset(tmp_path, n: int = 4) -> Dataset:
+    paths = [str(save_image(tmp_path / "src" / f"{i}.png", color=(i * 40, 0, 0))) for i in range(n)]
+    return Dataset.from_dict(
+        {"img": paths, "sentence": [f"photo {i}" for i in range(n)], "y": [i % 2 for i in range(n)]},
+        features=Features({"img": Image(), "sentence": Value("string"), "y": Value("int64")}),
+    )
+
+
+def test_saved_dataset_with_mapped_columns(tmp_path):
+    src = _photos_dataset(tmp_path)
+    src.save_to_disk(str(tmp_path / "saved"))
+    ds = load(tmp_path / "saved", image_column="img", caption_column="sentence", label_column="y", class_names=["even", "odd"])
+    assert ds.column_names == ["image", "captions", "label", "domain", "image_id"]
+    assert ds[1]["captions"] == ["photo 1"] and ds.features["label"].int2str(ds[1]["label"]) == "odd"
+    assert ds[0]["image"].size == (24, 20)
+
+
+def test_saved_dataset_dict_splits_and_classlabel(tmp_path):
+    src = _photos_dataset(tmp_path).cast_column("y", ClassLabel(names=["tabby_cat", "dog"]))
+    DatasetDict({"train": src, "test": src.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    train = load(tmp_path / "dd", caption_column="sentence", label_column="y")  # image column found by type
+    assert len(train) == 4 and train.features["label"].names == ["tabby cat", "dog"]
+    assert len(load(tmp_path / "dd", split="test", caption_column="sentence")) == 1
+    with pytest.raises(DataError, match="no split 'dev'.*train, test"):
+        load(tmp_path / "dd", split="dev")
+
+
+def test_hub_name_goes_to_load_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, **kwargs):
+        calls.append((name, config, split))
+        return _photos_dataset(tmp_path).rename_column("sentence", "caption")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load("someone/photos", split="validation", hub_config="small", verify="none")
+    assert calls == [("someone/photos", "small", "validation")]
+    assert ds[2]["captions"] == ["photo 2"]
+    assert load("hf:photos", verify="none")["captions"][0] == ["photo 0"]
+
+
+def test_hub_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="openmoji.*noto-emoji.*mnist5k"):
+        load("someone/not-here")
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def test_npz_archives(tmp_path):
+    grey = np.arange(5 * 8 * 8, dtype=np.uint8).reshape(5, 8, 8)
+    np.savez(tmp_path / "grey.npz", images=grey, labels=np.array([0, 1, 2, 1, 0]))
+    ds = load(tmp_path / "grey.npz", class_names=["zero", "one", "two"])
+    assert len(ds) == 5 and ds[0]["image"].mode == "L" and ds[0]["image"].size == (8, 8)
+    assert np.array_equal(np.asarray(ds[3]["image"]), grey[3])
+    assert ds[1]["captions"] == ["one"] and ds["domain"][0] == "grey"
+
+    rgb = np.random.default_rng(0).integers(0, 255, size=(3, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", train_images=rgb, train_labels=np.array([1, 0, 1]), test_images=rgb[:1], test_labels=np.array([0]))
+    ds = load(tmp_path / "rgb.npz", split="train")
+    assert ds[0]["image"].mode == "RGB" and np.array_equal(np.asarray(ds[2]["image"]), rgb[2])
+    assert len(load(tmp_path / "rgb.npz", split="test")) == 1
+    with pytest.raises(DataError, match="pass split"):
+        load(tmp_path / "rgb.npz")
+
+
+# ----------------------------------------------------------------------------- dispatch and options
+
+
+def test_unknown_builtin_name_lists_the_builtins():
+    with pytest.raises(DataError) as err:
+        load("openmojii")
+    text = str(err.value)
+    assert "Did you mean 'openmoji'" in text
+    for name in ("openmoji", "noto-emoji", "mnist5k", "usps", "mnist_m"):
+        assert name in text
+
+
+def test_missing_path_lists_the_builtins(tmp_path):
+    with pytest.raises(DataError, match="no file or folder.*Built-in sets: openmoji"):
+        load(tmp_path / "nowhere" / "captions.csv")
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(mmtransfer.ConfigError, match="Unknown config key 'caption_col'.*Did you mean 'caption_column'.*on_bad_sample"):
+        load("openmoji", caption_col="text")
+
+
+def test_bad_option_value():
+    with pytest.raises(mmtransfer.ConfigError, match="on_bad_sample.*'error', 'skip'"):
+        load("openmoji", on_bad_sample="ignore")
+
+
+def test_dataconfig_is_a_recipe_section(tmp_path):
+    from mmtransfer.config import from_dict
+
+    root = caption_folder(tmp_path / "imgs")
+    config = from_dict(DataConfig, {"name": str(root), "on_bad_sample": "skip", "max_samples": 2})
+    assert len(load(config)) == 2
+    assert len(load({"name": str(root)})) == 3
+    assert len(load(config, max_samples=1)) == 1  # keywords override fields
+
+
+def test_import_is_light():
+    code = (
+        "import sys, mmtransfer; assert 'mmtransfer.data' not in sys.modules; "
+        "import mmtransfer.data; heavy = [m for m in ('torch', 'datasets', 'PIL', 'numpy') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
