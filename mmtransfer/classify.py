@@ -45,6 +45,9 @@ class ClassifyDataSection:
     test: DataConfig = field(default_factory=lambda: DataConfig(name="openmoji", split="unseen"))
     # A text file with one class name per line, in label order (None: the dataset's label names).
     class_names_file: str | None = None
+    # Candidate classes: "present" = only the labels that occur in the test split (e.g. the
+    # 383 unseen emoji names of openmoji's unseen split), "all" = every class name.
+    classes: Literal["present", "all"] = "present"
     # Few-shot: labelled images per class drawn from train, one run per value (None: all of train).
     shots: list[int] | None = None
     # Train-time augmentation for the finetune phases.
@@ -227,9 +230,24 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     test_x, test_y = pooled_features(base, test_ds, cfg.data.eval_batch_size)
     if int(test_y.max()) >= len(names):
         raise ValueError(f"The test labels go up to {int(test_y.max())} but there are only {len(names)} class names.")
-    val_ds = load_split(cfg.data.validation)
-    val = pooled_features(base, val_ds, cfg.data.eval_batch_size) if val_ds is not None else None
-    train_ds = load_split(cfg.data.train)
+    # Label remapping (identity for "all"): original label id -> position among the candidates.
+    keep = sorted(set(test_y.tolist())) if cfg.data.classes == "present" else list(range(len(names)))
+    remap = torch.full((len(names),), -1, dtype=torch.long)
+    remap[torch.tensor(keep)] = torch.arange(len(keep))
+    names = [names[i] for i in keep]
+    test_y = remap[test_y]
+    val_ds = _relabel(load_split(cfg.data.validation), remap)
+    train_ds = _relabel(load_split(cfg.data.train), remap)
+    draws: dict[tuple[int, int], list[int]] = {}
+    if train_ds is not None and cfg.data.shots:
+        # Few-shot: draw k per class from the whole split, then compute features only for the drawn rows.
+        labels = train_ds["label"]
+        full = {(k, seed): few_shot_indices(labels, k, seed) for k in cfg.data.shots for seed in cfg.method.seeds}
+        used = sorted({i for rows in full.values() for i in rows})
+        position = {row: j for j, row in enumerate(used)}
+        draws = {key: [position[i] for i in rows] for key, rows in full.items()}
+        train_ds = train_ds.select(used)
+        logger.info("few-shot: %d training images cover every draw of k in %s over %d seeds", len(used), cfg.data.shots, len(cfg.method.seeds))
     train = pooled_features(base, train_ds, cfg.data.eval_batch_size) if train_ds is not None else None
 
     zs_head = LinearHead.from_text(base, names, templates)
@@ -251,11 +269,11 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
             for shots in shots_list:
                 key = f"{init}-init" + (f"/{shots}-shot" if shots else "")
                 for seed in cfg.method.seeds:
-                    rows = few_shot_indices(train[1].tolist(), shots, seed) if shots else list(range(len(train[1])))
+                    rows = draws[(shots, seed)] if shots else list(range(len(train[1])))
                     head = zs_head if init == "text" else LinearHead.random(len(names), zs_head.weight.shape[1], seed)
                     clf = ImageClassifier(copy.deepcopy(base), copy.deepcopy(head), names)
                     out_dir = run_dir / key.replace("/", "_") / f"seed{seed}"
-                    clf = _train_mode(cfg, mode, clf, train_ds, train, rows, val, seed, out_dir)
+                    clf = _train_mode(cfg, mode, clf, train_ds, train, rows, seed, out_dir)
                     if mode == "wise-ft":
                         clf, alpha, sweep = _wise_sweep(cfg, clf, zero_shot, val_ds if val_ds is not None else test_ds)
                         runs.setdefault(key, {}).setdefault("alpha", []).append(alpha)
@@ -280,6 +298,22 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     return results
 
 
+def _relabel(dataset: Any, remap: torch.Tensor) -> Any:
+    """Map labels onto the candidate classes and drop rows of other classes."""
+    if dataset is None:
+        return None
+    import numpy as np
+
+    mapped = remap[torch.tensor(dataset["label"], dtype=torch.long)].numpy()
+    keep = np.flatnonzero(mapped >= 0)
+    if len(keep) == 0:
+        raise ValueError("No training/validation image belongs to a candidate class; check data.classes and the splits.")
+    from datasets import Value
+
+    out = dataset.select(keep.tolist()).cast_column("label", Value("int64"))
+    return out.remove_columns("label").add_column("label", mapped[keep].tolist())
+
+
 def _brief(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k != "per_class"}
 
@@ -298,7 +332,7 @@ def _fit(cfg: ClassifyConfig, clf: nn.Module, loader: Any, steps: int, out_dir: 
 
 
 def _train_mode(cfg: ClassifyConfig, mode: str, clf: nn.Module, train_ds: Any, train: tuple[torch.Tensor, torch.Tensor],
-                rows: list[int], val: Any, seed: int, out_dir: Path) -> nn.Module:
+                rows: list[int], seed: int, out_dir: Path) -> nn.Module:
     """Train ``clf`` per ``mode`` on the rows of the training set; returns it (in place)."""
     from . import data as mmdata
 

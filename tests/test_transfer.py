@@ -93,7 +93,7 @@ def test_lp_ft_probe_phase_leaves_towers_untouched(tiny_model, colour_dataset, t
         snapshots[out_dir.name] = {k: v.clone() for k, v in clf_.state_dict().items()}
 
     monkeypatch.setattr(C, "_fit", spy)
-    _train_mode(cfg, "lp-ft", clf, colour_dataset, train, list(range(16)), None, 0, tmp_path)
+    _train_mode(cfg, "lp-ft", clf, colour_dataset, train, list(range(16)), 0, tmp_path)
     probe = snapshots["probe"]
     towers = [k for k in before if not k.startswith("head.")]
     assert all(torch.equal(probe[k], before[k]) for k in towers), "the probe phase changed the towers"
