@@ -226,7 +226,6 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
 
     test_ds = load_split(cfg.data.test)
     names = read_class_names(cfg.data.class_names_file) if cfg.data.class_names_file else list(test_ds.features["label"].names)
-    logger.info("%d classes, e.g. %s", len(names), ", ".join(names[:5]))
     test_x, test_y = pooled_features(base, test_ds, cfg.data.eval_batch_size)
     if int(test_y.max()) >= len(names):
         raise ValueError(f"The test labels go up to {int(test_y.max())} but there are only {len(names)} class names.")
@@ -236,6 +235,7 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     remap[torch.tensor(keep)] = torch.arange(len(keep))
     names = [names[i] for i in keep]
     test_y = remap[test_y]
+    logger.info("%d candidate classes (%s), e.g. %s", len(names), cfg.data.classes, ", ".join(names[:5]))
     val_ds = _relabel(load_split(cfg.data.validation), remap)
     train_ds = _relabel(load_split(cfg.data.train), remap)
     draws: dict[tuple[int, int], list[int]] = {}
