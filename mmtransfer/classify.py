@@ -165,10 +165,9 @@ def pooled_features(model: Any, dataset: Any, batch_size: int, progress: bool = 
     MultimodalModel or an ImageClassifier).
     """
     from . import data as mmdata
-    from .features import image_features
+    from .features import image_features, with_row_ids
 
-    ds = dataset.remove_columns("image_id") if "image_id" in dataset.column_names else dataset
-    ds = ds.add_column("image_id", list(range(len(ds))))  # batch indices = row positions
+    ds = with_row_ids(dataset)
     loader = mmdata.make_loader(ds, mmdata.ImageCollator(model.preprocessor), batch_size)
     feats = image_features(model.image_encoder, loader, len(ds), keep_tokens=False, progress=progress)
     return feats.pooled, torch.tensor(ds["label"], dtype=torch.long)
@@ -199,13 +198,11 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
 
     from . import data as mmdata
     from .evaluate import confusion_matrix, plot_confusion
+    from .train import fast_dev_slice
     from .transfer import DEFAULT_TEMPLATES, ImageClassifier, LinearHead
 
     if fast_dev_run:
-        cfg.train.fast_dev_run = True
-        for section in (cfg.data.train, cfg.data.validation, cfg.data.test):
-            if section is not None:
-                section.max_samples = min(section.max_samples or 96, 96)
+        fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 96)
         cfg.method.seeds = cfg.method.seeds[:1]
         cfg.data.shots = cfg.data.shots[:1] if cfg.data.shots else None
         cfg.method.probe_steps = 2

@@ -48,6 +48,13 @@ class CachedFeatures:
         return sum(v.numel() * v.element_size() for v in self.to_dict().values())
 
 
+def with_row_ids(dataset: Any) -> Any:
+    """The dataset with ``image_id`` renumbered 0..N-1, so batch indices are row positions."""
+    if "image_id" in dataset.column_names:
+        dataset = dataset.remove_columns("image_id")
+    return dataset.add_column("image_id", list(range(len(dataset))))
+
+
 def module_fingerprint(module: nn.Module) -> str:
     """A hash of every parameter and buffer (names, shapes and values)."""
     h = hashlib.sha256()

@@ -76,13 +76,6 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-def _positions(dataset: Any) -> Any:
-    """The data set with ``image_id`` renumbered 0..N-1, so batch indices are row positions."""
-    if "image_id" in dataset.column_names:
-        dataset = dataset.remove_columns("image_id")
-    return dataset.add_column("image_id", list(range(len(dataset))))
-
-
 def _captions(dataset: Any) -> list[list[str]]:
     return [list(c) if not isinstance(c, str) else [c] for c in dataset.select_columns(["captions"])["captions"]]
 
@@ -145,15 +138,12 @@ def build_model(cfg: FinetuneConfig) -> Any:
 def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     """Train and evaluate per ``cfg``; returns the summary (also written to the run folder)."""
     from . import data as mmdata
-    from .features import CachedCaptionCollator, image_features, text_features
+    from .features import CachedCaptionCollator, image_features, text_features, with_row_ids
     from .objectives import CaptionTask
-    from .train import Trainer, make_accelerator
+    from .train import Trainer, fast_dev_slice, make_accelerator
 
     if fast_dev_run:
-        cfg.train.fast_dev_run = True
-        for section in (cfg.data.train, cfg.data.validation, cfg.data.test):
-            if section is not None:
-                section.max_samples = min(section.max_samples or 64, 64)
+        fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 64)
         cfg.train.batch_size = min(cfg.train.batch_size, 16)
     accelerator = make_accelerator(cfg.train)
     model = build_model(cfg)
@@ -169,7 +159,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                 continue
             loaded = mmdata.load_with_report(section)
             reports[name] = loaded.report
-            ds = _positions(loaded.dataset)
+            ds = with_row_ids(loaded.dataset)
             splits[name] = _Split(name, ds, _captions(ds))
             logger.info("%s: %d images, %d captions (%s)", name, len(ds), sum(map(len, splits[name].captions)), section.name)
 

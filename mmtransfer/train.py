@@ -220,6 +220,14 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def fast_dev_slice(config: TrainConfig, sections: Iterable[Any], rows: int) -> None:
+    """Turn a run into a fast dev run: two steps, one evaluation, at most ``rows`` rows per data section."""
+    config.fast_dev_run = True
+    for section in sections:
+        if section is not None:
+            section.max_samples = min(section.max_samples or rows, rows)
+
+
 def make_accelerator(config: TrainConfig) -> Any:
     """The Accelerator for a run: precision, accumulation, trackers and seeded data order."""
     from accelerate import Accelerator
