@@ -6,7 +6,7 @@ Writes results.json, results.md (per-class table) and confusion.png.
 
 Examples:
   python scripts/transfer_classify.py --config configs/openmoji_zero_shot.yaml
-  python scripts/transfer_classify.py --config configs/digits_few_shot.yaml data.shots=[1,2,4,8] method.seeds=[0,1,2,3,4]
+  python scripts/transfer_classify.py --config configs/mnist_m_few_shot.yaml data.shots=[1,2,4,8] method.seeds=[0,1,2,3,4]
   python scripts/transfer_classify.py --config configs/openmoji_zero_shot.yaml method.mode=wise-ft --fast-dev-run
 """
 
