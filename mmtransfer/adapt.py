@@ -847,8 +847,8 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) 
     import mmtransfer
 
     from .data.collate import CaptionCollator, ImageCollator, PairedLoader, make_loader
-    from .features import CachedCaptionCollator, image_features, text_features
-    from .finetune import _captions, _positions
+    from .features import CachedCaptionCollator, image_features, text_features, with_row_ids
+    from .finetune import _captions
 
     mm = cfg.multimodal
     model = mmtransfer.load(mm.init_from) if mm.init_from else mmtransfer.create_model(mm.model)
@@ -861,9 +861,9 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) 
     task = MultimodalAdaptTask(model, cfg.method, seed=cfg.train.seed)
     if "captions" not in sets["source"].column_names:
         raise ConfigError("task=multimodal trains on source captions, but data.source has no 'captions' column.")
-    source_ds = _positions(sets["source"])
-    target_ds = _positions(sets["target"])
-    evals = {k: _positions(v) for k, v in _eval_sets(cfg, sets).items()}
+    source_ds = with_row_ids(sets["source"])
+    target_ds = with_row_ids(sets["target"])
+    evals = {k: with_row_ids(v) for k, v in _eval_sets(cfg, sets).items()}
     captions = _captions(source_ds)
     image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
     text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
