@@ -3,41 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def test_help_lists_config_keys():
-    out = _run("scripts/domain_adapt.py", "--help").stdout
+def test_help_lists_config_keys(run_script):
+    out = run_script("scripts/domain_adapt.py", "--help").stdout
     for key in ("--fast-dev-run", "method.name", "method.lambda_max", "classifier.lenet.color", "data.target.name", "plot.before"):
         assert key in out, key
 
 
-def test_impossible_recipe_is_one_clear_line(tmp_path):
-    proc = _run("scripts/domain_adapt.py", "--config", "configs/emoji_openmoji_noto_dann.yaml", "method.name=cdan",
+def test_impossible_recipe_is_one_clear_line(tmp_path, run_script):
+    proc = run_script("scripts/domain_adapt.py", "--config", "configs/emoji_openmoji_noto_dann.yaml", "method.name=cdan",
                 f"train.output_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2
     assert "class predictions" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
-def test_fast_dev_run_digits(tmp_path):
+def test_fast_dev_run_digits(tmp_path, run_script):
     run = tmp_path / "run"
-    out = _run("scripts/domain_adapt.py", "--config", "configs/digits_mnist_usps_cdan.yaml", "--fast-dev-run",
+    out = run_script("scripts/domain_adapt.py", "--config", "configs/digits_mnist_usps_cdan.yaml", "--fast-dev-run",
                f"train.output_dir={run}").stdout
     assert "Accuracy (top-1, %)" in out and "target" in out
     summary = json.loads((run / "summary.json").read_text())
@@ -49,9 +35,9 @@ def test_fast_dev_run_digits(tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_dev_run_emoji(tmp_path):
+def test_fast_dev_run_emoji(tmp_path, run_script):
     run = tmp_path / "run"
-    out = _run("scripts/domain_adapt.py", "--config", "configs/emoji_openmoji_noto_dann.yaml", "--fast-dev-run",
+    out = run_script("scripts/domain_adapt.py", "--config", "configs/emoji_openmoji_noto_dann.yaml", "--fast-dev-run",
                f"train.output_dir={run}", f"data.feature_cache_dir={tmp_path / 'features'}").stdout
     assert "zero-shot top-1" in out
     summary = json.loads((run / "summary.json").read_text())

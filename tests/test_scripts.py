@@ -3,47 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def test_finetune_help_lists_config_keys():
-    out = _run("scripts/finetune_captions.py", "--help").stdout
+def test_finetune_help_lists_config_keys(run_script):
+    out = run_script("scripts/finetune_captions.py", "--help").stdout
     for key in ("--fast-dev-run", "train.max_steps", "optim.lr", "freeze.text_keep_last", "data.train.name", "objective.itm_weight"):
         assert key in out, key
 
 
-def test_finetune_unknown_key_is_one_clear_line():
-    proc = _run("scripts/finetune_captions.py", "--config", "configs/openmoji_contrastive.yaml", "train.max_step=3", check=False)
+def test_finetune_unknown_key_is_one_clear_line(run_script):
+    proc = run_script("scripts/finetune_captions.py", "--config", "configs/openmoji_contrastive.yaml", "train.max_step=3", check=False)
     assert proc.returncode == 2
     assert "Unknown config key 'max_step' in 'train'. Did you mean 'max_steps'?" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_finetune_missing_data_folder_is_one_clear_line(tmp_path):
-    proc = _run("scripts/finetune_captions.py", "--config", "configs/openmoji_contrastive.yaml",
+def test_finetune_missing_data_folder_is_one_clear_line(tmp_path, run_script):
+    proc = run_script("scripts/finetune_captions.py", "--config", "configs/openmoji_contrastive.yaml",
                 f"data.train.name={tmp_path / 'nowhere'}", f"train.output_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "nowhere" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
-def test_finetune_fast_dev_run_on_the_default_recipe(tmp_path):
-    out = _run("scripts/finetune_captions.py", "--config", "configs/openmoji_contrastive.yaml", "--fast-dev-run",
+def test_finetune_fast_dev_run_on_the_default_recipe(tmp_path, run_script):
+    out = run_script("scripts/finetune_captions.py", "--config", "configs/openmoji_contrastive.yaml", "--fast-dev-run",
                f"train.output_dir={tmp_path / 'run'}").stdout
     assert "Retrieval (recall@K, %" in out and "mmtransfer.load(" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
