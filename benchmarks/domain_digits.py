@@ -105,7 +105,7 @@ def main() -> None:
                   f"{s.get('minutes_total')} min", flush=True)
         rows.append((recipe, results))
 
-    header = f"| recipe | target acc (%) | source acc (%) | domain disc. acc (%) | minutes per run |"
+    header = "| recipe | target acc (%) | source acc (%) | domain disc. acc (%) | minutes per run |"
     lines = [header, "|---|---|---|---|---|"]
     for recipe, results in rows:
         col = lambda k: _stat([r[k] for r in results if r.get(k) is not None])  # noqa: E731

@@ -157,7 +157,7 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{variant}: {rows[-1]}", file=sys.stderr)
     base = {r["variant"]: r for r in rows}
-    print(f"| variant | median step (s) | samples/s | peak RSS (MB) |\n|---|---:|---:|---:|")
+    print("| variant | median step (s) | samples/s | peak RSS (MB) |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['median_step_s']:.2f} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     if "frozen" in base and "cached" in base:

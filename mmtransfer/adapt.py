@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from .losses.domain import (
     MultipleKernelMMD,
 )
 from .models.lenet import LeNet, LeNetConfig
-from .models.preprocess import AugmentConfig, ImagePreprocessor, PreprocessConfig
+from .models.preprocess import AugmentConfig, ImagePreprocessor
 from .schedules import dann_lambda
 from .train import OptimConfig, StepInfo, TaskOutput, TrainConfig
 

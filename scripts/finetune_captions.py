@@ -14,7 +14,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 
 from mmtransfer.cli import parse_args, run_main
 from mmtransfer.finetune import FinetuneConfig, run

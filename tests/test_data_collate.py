@@ -14,7 +14,6 @@ from mmtransfer.data import (
     DataError,
     LabelCollator,
     PairedLoader,
-    load,
     make_loader,
     retrieval_set,
     undecoded,
