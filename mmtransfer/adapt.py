@@ -130,10 +130,13 @@ class AdaptDataConfig:
 class DiscriminatorConfig:
     """The domain discriminator of the adversarial methods (an MLP returning logits)."""
 
+    # Width of each hidden layer.
     hidden_dim: int = 1024
     # Hidden layers (0: a linear probe).
     num_layers: int = 2
+    # Batch norm in the hidden layers (source and target are normalised together).
     batch_norm: bool = True
+    # Dropout after each hidden layer.
     dropout: float = 0.0
 
 
@@ -155,7 +158,9 @@ class MethodConfig:
     # Gradient-reversal strength as a function of progress p in [0, 1]: "dann" is
     # lambda_max * (2 / (1 + exp(-gamma p)) - 1); "constant" is lambda_max.
     schedule: Literal["dann", "constant"] = "dann"
+    # Steepness gamma of the "dann" schedule.
     gamma: float = 10.0
+    # Final (or constant) gradient-reversal strength.
     lambda_max: float = 1.0
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     # CDAN: randomized multilinear map (None: when features x classes exceeds 4096).
@@ -170,6 +175,7 @@ class MethodConfig:
 class PlotConfig:
     """The 2-D embedding plot of source and target features written to the run folder."""
 
+    # Write embeddings.png (needs scikit-learn).
     enabled: bool = True
     # "tsne" or "pca" (scikit-learn).
     method: Literal["tsne", "pca"] = "tsne"

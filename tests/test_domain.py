@@ -365,3 +365,13 @@ def test_two_process_dann_step_has_identical_gradients(tmp_path):
         assert r0["grads"][0].abs().sum() > 0
         assert r0["lambda"] == r1["lambda"] == pytest.approx(dann_lambda((step + 3) / 10))
     assert torch.equal(torch.load(tmp_path / "rank0-params.pt"), torch.load(tmp_path / "rank1-params.pt"))
+
+
+def test_statistic_losses_give_finite_gradients():
+    torch.manual_seed(0)
+    f_s = torch.randn(8, 5, requires_grad=True)
+    f_t = torch.cat([f_s[:2].detach(), torch.randn(6, 5)]).requires_grad_(True)  # some identical rows: zero distances
+    for loss in (MultipleKernelMMD(), CORALLoss()):
+        loss(f_s, f_t).loss.backward()
+        assert torch.isfinite(f_s.grad).all() and torch.isfinite(f_t.grad).all()
+        f_s.grad = f_t.grad = None

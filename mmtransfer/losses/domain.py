@@ -381,7 +381,8 @@ class MultipleKernelMMD(nn.Module):
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, lambda_: float | None = None) -> DomainLossOutput:
         n_s = f_s.shape[0]
         f = torch.cat([f_s, f_t], dim=0).float()  # (N, D)
-        sq = torch.cdist(f, f).pow(2)  # (N, N) squared distances
+        norms = f.pow(2).sum(dim=1)  # (N,)
+        sq = (norms[:, None] + norms[None, :] - 2.0 * f @ f.T).clamp_min(0.0)  # (N, D) @ (D, N) -> (N, N) squared distances
         base = sq.detach().sum() / max(1, sq.numel() - sq.shape[0])  # mean over off-diagonal pairs
         kernel = sum(torch.exp(-sq / (2.0 * m * base + 1e-12)) for m in self.bandwidth_multipliers)  # (N, N)
         k_ss = kernel[:n_s, :n_s].mean()
