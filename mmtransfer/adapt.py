@@ -1005,7 +1005,8 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                 _save_points(before, run_dir / "embeddings_step0.npz")
                 panels = [("step 0", before), (f"after {result.step} steps ({cfg.method.name})", after)]
             else:
-                panels = [(f"before adaptation ({Path(cfg.plot.before).parent.name})", _load_points(cfg.plot.before)),
+                where = "/".join(Path(cfg.plot.before).parent.parts[-2:])
+                panels = [(f"before adaptation ({where})", _load_points(cfg.plot.before)),
                           (f"after adaptation ({cfg.method.name})", after)]
             summary["embedding_plot"] = str(plot_embeddings(panels, run_dir / "embeddings.png", cfg.plot.method, cfg.train.seed))
         summary["minutes"] = round((time.perf_counter() - started) / 60, 2)
