@@ -104,6 +104,7 @@ def image_features(
     cache_dir: str | Path | None = None,
     data_key: str = "",
     progress: bool = True,
+    desc: str = "caching image features",
 ) -> CachedFeatures:
     """Run a frozen image tower once over ``loader`` (batches with ``pixel_values`` and ``image_index``).
 
@@ -130,7 +131,7 @@ def image_features(
     pooled: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     filled = torch.zeros(num_items, dtype=torch.bool)
-    for batch in tqdm(loader, desc="caching image features", disable=not progress, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
         out = encoder(batch["pixel_values"].to(device))
         idx = batch["image_index"].cpu()
         if pooled is None:
@@ -197,12 +198,16 @@ class CachedCaptionCollator:
     """Image positions -> a caption batch built from cached image features.
 
     Each item is the position of an image; one of its captions is picked (at
-    random with a seeded generator in training, the first in evaluation). Text
+    random with a seeded generator in training, the first in evaluation). With
+    several cached copies of the image features (the plain one first, then
+    augmented ones), training draws one copy per item the same way and
+    evaluation reads the plain one. Text
     comes from cached text features when the text tower is frozen too, or is
     tokenised for the trainable text tower otherwise.
 
     Args:
-        image_feats: cached image tower outputs for positions 0..N-1.
+        image_feats: cached image tower outputs for positions 0..N-1, or a list of
+            such copies (plain first, then augmented).
         captions: per image, its captions.
         text_feats: cached text tower outputs for ``text_rows``' strings, or None.
         text_rows: caption string -> row of ``text_feats`` (with ``text_feats``).
@@ -216,7 +221,7 @@ class CachedCaptionCollator:
 
     def __init__(
         self,
-        image_feats: CachedFeatures,
+        image_feats: CachedFeatures | Sequence[CachedFeatures],
         captions: list[list[str]],
         text_feats: CachedFeatures | None = None,
         text_rows: dict[str, int] | None = None,
@@ -227,7 +232,10 @@ class CachedCaptionCollator:
     ) -> None:
         if text_feats is None and tokenizer is None:
             raise ValueError("Give either cached text features or a tokenizer.")
-        self.image_feats = image_feats
+        self.copies = [image_feats] if isinstance(image_feats, CachedFeatures) else list(image_feats)
+        if not self.copies:
+            raise ValueError("Give at least one copy of the cached image features.")
+        self.image_feats = self.copies[0]
         self.captions = captions
         self.text_feats = text_feats
         self.text_rows = text_rows or {}
@@ -239,12 +247,29 @@ class CachedCaptionCollator:
     def _pick(self, caps: list[str]) -> str:
         return caps[self.rng.randrange(len(caps))] if self.train and len(caps) > 1 else caps[0]
 
+    def _images(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """image_pooled (B, Di) and image_tokens (B, P, Di), each item from its drawn copy."""
+        if not self.train or len(self.copies) == 1:
+            feats = self.image_feats
+            out = {"image_pooled": feats.pooled[idx]}
+            if feats.tokens is not None:
+                out["image_tokens"] = feats.tokens[idx].float()
+            return out
+        which = torch.as_tensor([self.rng.randrange(len(self.copies)) for _ in range(len(idx))])  # (B,)
+        first = self.image_feats
+        pooled = torch.empty(len(idx), *first.pooled.shape[1:], dtype=first.pooled.dtype)
+        tokens = None if first.tokens is None else torch.empty(len(idx), *first.tokens.shape[1:])
+        for c, feats in enumerate(self.copies):
+            rows = (which == c).nonzero().squeeze(1)
+            pooled[rows] = feats.pooled[idx[rows]]
+            if tokens is not None:
+                tokens[rows] = feats.tokens[idx[rows]].float()
+        return {"image_pooled": pooled} if tokens is None else {"image_pooled": pooled, "image_tokens": tokens}
+
     def __call__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(positions, dtype=torch.long)  # (B,)
         texts = [self._pick(self.captions[p]) for p in positions]
-        batch = {"image_index": idx, "image_pooled": self.image_feats.pooled[idx]}  # (B, Di)
-        if self.image_feats.tokens is not None:
-            batch["image_tokens"] = self.image_feats.tokens[idx].float()  # (B, P, Di)
+        batch = {"image_index": idx, **self._images(idx)}
         if self.text_feats is None:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             batch.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # (B, T)

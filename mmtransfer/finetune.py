@@ -46,10 +46,16 @@ class CaptionDataSection:
     validation: DataConfig | None = field(default_factory=lambda: DataConfig(name="openmoji", split="validation"))
     # Evaluated once after training (None: skip).
     test: DataConfig | None = field(default_factory=lambda: DataConfig(name="openmoji", split="test"))
-    # Train-time augmentation (off: frozen towers can then use cached features).
+    # Train-time augmentation. With a trainable image tower it is applied every step;
+    # with a frozen one it needs augmented_copies > 0 to keep the feature cache.
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # Compute frozen, unaugmented towers once and reuse their features every step.
+    # Compute frozen towers once and reuse their features every step.
     cache_features: bool = True
+    # With a frozen image tower and `augment` on: also cache this many augmented
+    # copies of every training image's features (each computed once, seeded);
+    # every step then draws one of the plain and augmented copies per image.
+    # 0 with augment on runs the frozen tower on fresh augmentations every step.
+    augmented_copies: int = 0
     # Also keep cached features on disk, keyed by weights and data, for later runs.
     persist_features: bool = True
     # Folder of on-disk feature caches (None: "features" in the data cache folder,
@@ -118,6 +124,7 @@ class _Split:
     dataset: Any
     captions: list[list[str]]
     image_feats: Any = None  # CachedFeatures when the image tower is cached
+    augmented_feats: list[Any] = field(default_factory=list)  # augmented copies (training split)
 
 
 def build_model(cfg: FinetuneConfig) -> Any:
@@ -165,7 +172,13 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
 
     image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
     text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
-    cache = cfg.data.cache_features and image_frozen and not cfg.data.augment.enabled
+    augment = cfg.data.augment
+    copies = cfg.data.augmented_copies if augment.enabled else 0
+    if cfg.data.augmented_copies < 0:
+        raise ValueError(f"data.augmented_copies must be 0 or more, not {cfg.data.augmented_copies}.")
+    if cfg.data.augmented_copies > 0 and not augment.enabled:
+        logger.warning("data.augmented_copies=%d has no effect: data.augment is off.", cfg.data.augmented_copies)
+    cache = cfg.data.cache_features and image_frozen and (not augment.enabled or copies > 0)
     keep_tokens = model.fusion is not None and cfg.objective.itm_weight > 0
     max_length = model.text_encoder.config.max_length
     bs = cfg.data.eval_batch_size
@@ -186,15 +199,29 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                     model.image_encoder, loader, len(split.dataset), keep_tokens=keep_tokens,
                     cache_dir=feature_dir, data_key=key, progress=accelerator.is_local_main_process,
                 )
+            train_split = splits["train"]
+            augmenting = model.preprocessor.with_augment(augment)
+            for k in range(copies):
+                # Each copy's augmentations come from their own seed, so the cache key pins them.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.train.seed * 1000 + k)
+                    loader = mmdata.make_loader(train_split.dataset, mmdata.ImageCollator(augmenting), bs)
+                    train_split.augmented_feats.append(image_features(
+                        model.image_encoder, loader, len(train_split.dataset), keep_tokens=keep_tokens,
+                        cache_dir=feature_dir, data_key=f"{train_split.dataset._fingerprint}|{augment}|seed={cfg.train.seed}|copy={k}",
+                        progress=accelerator.is_local_main_process, desc=f"caching augmented copy {k + 1}/{copies}",
+                    ))
             if text_frozen:
                 unique = sorted({c for s in splits.values() for caps in s.captions for c in caps})
                 text_rows = {c: i for i, c in enumerate(unique)}
                 text_cache = text_features(model.text_encoder, unique, keep_tokens=keep_tokens,
                                            cache_dir=feature_dir, progress=accelerator.is_local_main_process)
-        logger.info("Frozen towers: training on cached features (image%s).", " and text" if text_cache else "")
+        logger.info("Frozen towers: training on cached features (image%s%s).", " and text" if text_cache else "",
+                    f", {copies} augmented cop{'y' if copies == 1 else 'ies'} of the training images" if copies else "")
 
     def cached_collator(split: _Split, train: bool) -> CachedCaptionCollator:
-        return CachedCaptionCollator(split.image_feats, split.captions, text_cache, text_rows,
+        feats = [split.image_feats, *split.augmented_feats] if train else split.image_feats
+        return CachedCaptionCollator(feats, split.captions, text_cache, text_rows,
                                      model.tokenizer, max_length, train=train, seed=cfg.train.seed)
 
     train_split = splits["train"]
@@ -233,7 +260,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         return {f"val/{k}": v for k, v in out.items()}
 
     summary_extra = {"data": {k: r.to_dict() for k, r in reports.items()},
-                     "feature_cache": bool(cache)}
+                     "feature_cache": bool(cache), "augmented_copies": len(train_split.augmented_feats)}
     trainer = Trainer(task, train_loader, cfg.train, cfg.optim, evaluate=evaluate, eval_loaders=loaders,
                       run_config=cfg, export=lambda t, d: t.model.save_pretrained(d), summary_extra=summary_extra,
                       accelerator=accelerator)

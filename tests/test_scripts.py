@@ -34,6 +34,8 @@ def test_finetune_fast_dev_run_on_the_default_recipe(tmp_path, run_script):
     assert "Retrieval (recall@K, %" in out and "mmtransfer.load(" in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["feature_cache"] is True
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["augmented_copies"] == 2
     assert set(summary["test_metrics"]) >= {"i2t_R@1", "t2i_R@5"}
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "curves.png").is_file()

@@ -53,10 +53,18 @@ class AugmentConfig:
     hflip: float = 0.0
     # Colour jitter strength for brightness/contrast/saturation (0 disables).
     color_jitter: float = 0.0
+    # Random rotation up to this many degrees either way (0 disables).
+    degrees: float = 0.0
+    # Random shift up to this fraction of the side, in each direction (0 disables).
+    translate: float = 0.0
+    # Random zoom factor range of the affine transform, e.g. [0.75, 1.1] (None disables).
+    # The corners it uncovers are filled with the preprocessing background colour.
+    scale: tuple[float, float] | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.crop_scale is not None or self.hflip > 0 or self.color_jitter > 0
+        return (self.crop_scale is not None or self.hflip > 0 or self.color_jitter > 0
+                or self.degrees > 0 or self.translate > 0 or self.scale is not None)
 
 
 def to_rgb(image: "Image.Image", background: Sequence[int] = (255, 255, 255)) -> "Image.Image":
@@ -127,6 +135,11 @@ class ImagePreprocessor:
         cfg, aug = self.config, self.augment
         interp = InterpolationMode(cfg.interpolation)
         steps: list[Any] = []
+        if aug.degrees > 0 or aug.translate > 0 or aug.scale is not None:
+            # On the source image, before resizing: uncovered corners take the background colour.
+            steps.append(T.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate) if aug.translate else None,
+                                        scale=tuple(aug.scale) if aug.scale is not None else None,
+                                        interpolation=InterpolationMode.BILINEAR, fill=list(cfg.background)))
         if aug.crop_scale is not None:
             steps.append(T.RandomResizedCrop(cfg.image_size, scale=tuple(aug.crop_scale), interpolation=interp, antialias=True))
         else:

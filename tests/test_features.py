@@ -1,0 +1,97 @@
+"""Feature caches for frozen towers, with and without augmented copies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmtransfer.features import CachedCaptionCollator, CachedFeatures
+from mmtransfer.models.preprocess import AugmentConfig, ImagePreprocessor, PreprocessConfig
+
+try:
+    from data_helpers import save_image, write_jsonl
+except ImportError:  # pragma: no cover - run from the repository root
+    from tests.data_helpers import save_image, write_jsonl
+
+
+def test_affine_augmentation_fills_with_the_background():
+    pre = PreprocessConfig(image_size=32, background=(255, 255, 255))
+    plain = ImagePreprocessor(pre)
+    aug = ImagePreprocessor(pre, AugmentConfig(degrees=30, translate=0.2, scale=(0.7, 1.2)))
+    assert aug.augment.enabled and not plain.augment.enabled
+    white = Image.new("RGB", (40, 40), (255, 255, 255))
+    torch.manual_seed(0)
+    # Every uncovered corner takes the background colour, so a white image stays white.
+    assert torch.allclose(aug([white] * 4), plain([white] * 4), atol=1e-5)
+    # A black square does move.
+    square = Image.new("RGB", (40, 40), (255, 255, 255))
+    square.paste((0, 0, 0), (10, 10, 30, 30))
+    torch.manual_seed(0)
+    moved = aug([square] * 4)
+    assert moved.shape == (4, 3, 32, 32)
+    assert not torch.allclose(moved, plain([square] * 4).expand_as(moved), atol=1e-3)
+
+
+def _copies(n: int = 6, k: int = 3) -> list[CachedFeatures]:
+    # Copy c holds the value c in every pooled and token entry.
+    return [CachedFeatures(pooled=torch.full((n, 4), float(c)), tokens=torch.full((n, 2, 4), float(c), dtype=torch.float16))
+            for c in range(k)]
+
+
+def test_collator_draws_each_item_from_one_copy_in_training_and_the_plain_one_in_evaluation(tiny_model):
+    copies = _copies()
+    captions = [[f"caption {i}"] for i in range(6)]
+    train = CachedCaptionCollator(copies, captions, tokenizer=tiny_model.tokenizer, train=True, seed=0)
+    seen = set()
+    for _ in range(20):
+        batch = train([0, 1, 2, 3, 4, 5])
+        pooled, tokens = batch["image_pooled"][:, 0], batch["image_tokens"][:, :, 0]  # (B,), (B, P)
+        assert torch.equal(tokens, pooled[:, None].expand_as(tokens))  # tokens and pooled from the same copy
+        seen |= set(pooled.tolist())
+    assert seen == {0.0, 1.0, 2.0}
+    evaluation = CachedCaptionCollator(copies, captions, tokenizer=tiny_model.tokenizer, train=False)
+    assert evaluation([0, 1, 2])["image_pooled"].eq(0).all()
+
+
+def test_collator_with_one_copy_is_unchanged(tiny_model):
+    feats = _copies(k=1)[0]
+    batch = CachedCaptionCollator(feats, [["x"]] * 6, tokenizer=tiny_model.tokenizer, train=True)([1, 2])
+    assert batch["image_pooled"].shape == (2, 4) and batch["image_tokens"].dtype == torch.float32
+
+
+def _captioned_folder(root: Path, n: int = 24) -> Path:
+    colours = [(220, 30, 30), (30, 30, 220), (30, 180, 30), (230, 200, 20)]
+    names = ["red", "blue", "green", "yellow"]
+    rows = []
+    for i in range(n):
+        save_image(root / f"{i}.png", size=(36, 36), color=colours[i % 4])
+        rows.append({"file_name": f"{i}.png", "text": f"a {names[i % 4]} square number {i}"})
+    write_jsonl(root / "metadata.jsonl", rows)
+    return root
+
+
+def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
+    from mmtransfer import finetune
+    from mmtransfer.config import from_dict
+    from mmtransfer.registry import get_preset
+
+    folder = _captioned_folder(tmp_path / "data")
+    cfg = from_dict(finetune.FinetuneConfig, {
+        "freeze": {"text": True, "image": True},
+        "data": {"train": {"name": str(folder)}, "validation": None, "test": None,
+                 "augment": {"degrees": 10, "scale": [0.8, 1.0]}, "augmented_copies": 2,
+                 "feature_cache_dir": str(tmp_path / "features")},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 8, "eval_every": 3,
+                  "save_every": 3, "progress_bar": False, "trackers": []},
+    })
+    cfg.model = get_preset("tiny-random")
+    summary = finetune.run(cfg)
+    assert summary["steps"] == 3
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["feature_cache"] is True and written["augmented_copies"] == 2
+    # The plain training features plus two augmented copies, on disk.
+    assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 3
