@@ -450,6 +450,7 @@ class ClassifyAdaptTask(nn.Module):
         """The discriminator's balanced accuracy on evaluation features (None when not adversarial)."""
         if self.method.name not in ADVERSARIAL:
             return None
+        source, target = _to_module(self.domain_loss, source), _to_module(self.domain_loss, target)
         out = _apply_domain_loss(self.domain_loss, self.method.name, source["features"], target["features"], 0.0,
                                  source["logits"].float(), target["logits"].float())
         return float(out.domain_accuracy)
@@ -553,7 +554,14 @@ class MultimodalAdaptTask(nn.Module):
     def domain_accuracy(self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> float | None:
         if self.method.name not in ADVERSARIAL or self.where != "embedding":
             return None
+        source, target = _to_module(self.domain_loss, source), _to_module(self.domain_loss, target)
         return float(self.domain_loss(source["features"], target["features"], 0.0).domain_accuracy)
+
+
+def _to_module(module: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Evaluation features (gathered on the CPU) moved to the device of ``module``'s weights."""
+    device = next(module.parameters()).device
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------------------- data
