@@ -233,7 +233,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type | None
                 child = {}
                 node[part] = child
             node = child
-        node[parts[-1]] = parse_value(raw)
+        try:
+            node[parts[-1]] = parse_value(raw)
+        except Exception as err:  # yaml.YAMLError: the value is not valid YAML
+            first = str(err).splitlines()[0]
+            raise ConfigError(
+                f"Cannot read the value of override '{key}': {raw!r} is not valid YAML ({first}). "
+                f"Quote it for the shell as one argument, e.g. '{key}=[\"a {{}}\", \"{{}}\"]'."
+            ) from None
     return out
 
 

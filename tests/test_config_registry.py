@@ -60,6 +60,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["embed_dim=wide"], r"'embed_dim' must be of type int"),
         (["embed_dim"], r"dotted.key=value"),
         (["embed_dim.x=1"], r"'embed_dim' is not a section"),
+        (['text.name="unclosed'], r"Cannot read the value of override 'text.name'.*not valid YAML"),
     ],
 )
 def test_bad_overrides_are_explained(overrides, pattern):
