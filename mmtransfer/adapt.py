@@ -12,6 +12,19 @@ train together, one batch of each per step. Two tasks:
   embedding (or the image tower's pooled features, or fused image-text
   features). Accuracy is zero-shot top-1: images against their class names.
 
+Two extensions of the same recipe:
+
+- **Importance re-weighting** (``reweight``): before training, the density
+  ratio p_target(x) / p_source(x) is estimated on features (a logistic domain
+  classifier or kernel mean matching, :mod:`mmtransfer.losses.reweight`); the
+  clipped, normalised weights ride with the source rows and weight the source
+  cross-entropy or the contrastive loss, alone or with a domain loss.
+- **Several labelled sources** (``data.extra_sources``): domain generalisation.
+  The sources are pooled (balanced by default); the domain loss becomes a
+  K-way discriminator or CORAL/MMD between every pair of training domains, the
+  target, if any, being one more domain; ``data.target_test`` is a domain never
+  trained on. ``method.name: none`` is the pooled baseline.
+
 Everything goes through the one training loop: one optimizer, one backward
 per step, the gradient-reversal strength a pure function of the step.
 """
@@ -39,8 +52,11 @@ from .losses.domain import (
     DomainAdversarialLoss,
     DomainDiscriminator,
     DomainLossOutput,
+    MultiDomainAdversarialLoss,
     MultipleKernelMMD,
+    PairwiseDomainLoss,
 )
+from .losses.reweight import ImportanceWeights
 from .models.lenet import LeNet, LeNetConfig
 from .models.preprocess import AugmentConfig, ImagePreprocessor
 from .schedules import dann_lambda
@@ -103,9 +119,19 @@ class AdaptDataConfig:
 
     # Labelled source images (captioned, for the multimodal task).
     source: DataConfig = field(default_factory=lambda: DataConfig(name="mnist5k", split="train"))
-    # Unlabelled target images; labels, if the set has any, are never read.
-    target: DataConfig = field(default_factory=lambda: DataConfig(name="usps", split="train"))
-    # Labelled target images for the target accuracy (None: none measured).
+    # More labelled source domains, trained on together with `source` (domain
+    # generalisation): each is a domain of its own for the domain loss. They must
+    # share the source's class names (classify) or have captions (multimodal).
+    extra_sources: list[DataConfig] = field(default_factory=list)
+    # Draw every source domain equally often (the smaller ones repeat within an epoch);
+    # false: rows in proportion to the sources' sizes.
+    balance_sources: bool = True
+    # Unlabelled target images; labels, if the set has any, are never read. None: no
+    # target (domain generalisation from several sources, or source-only training).
+    target: DataConfig | None = field(default_factory=lambda: DataConfig(name="usps", split="train"))
+    # Labelled target images for the target accuracy (None: none measured). For the
+    # multimodal task a captioned folder without a label column works too: each image's
+    # first caption is its class name.
     target_test: DataConfig | None = field(default_factory=lambda: DataConfig(name="usps", split="test"))
     # Labelled source images for the source accuracy (None: the source training images).
     source_test: DataConfig | None = None
@@ -172,6 +198,47 @@ class MethodConfig:
 
 
 @dataclass
+class ReweightConfig:
+    """Importance weights for the source rows: p_target(x) / p_source(x), estimated once before training."""
+
+    # "none"; "classifier": a logistic-regression domain classifier on the features (L2
+    # penalty by cross-validation, out-of-fold predictions, Platt-calibrated), w = (n_s/n_t)
+    # p(t|x)/p(s|x); "kmm": kernel mean matching. Needs data.target.
+    method: Literal["none", "classifier", "kmm"] = "none"
+    # Features the ratio is estimated on: "pixels" (each image shrunk to pixel_size and
+    # flattened: fine for digits and a LeNet trained from scratch), "encoder" (the pooled
+    # features of the pretrained image encoder named in `encoder`), or "model" (a saved
+    # model's features, from model_dir: an ImageClassifier's bottleneck, or a
+    # MultimodalModel's image embedding).
+    features: Literal["pixels", "encoder", "model"] = "pixels"
+    # features=pixels: side of the shrunk images.
+    pixel_size: int = 16
+    # features=encoder: an image encoder name (timm, packaged alias, torchvision:resnet50).
+    encoder: str = "efficientnet-lite0"
+    # features=model: a folder written by this script (model/) or by finetune_captions.py.
+    model_dir: str | None = None
+    # Reduce the standardised features to this many principal components (None: keep all).
+    pca_dim: int | None = 64
+    # Weights are normalised to mean 1 and clipped at this value, then renormalised
+    # (None: no clipping).
+    clip_max: float | None = 10.0
+    # classifier: L2 penalties tried; the lowest cross-validated log loss wins.
+    l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    # classifier: cross-fitting folds.
+    folds: int = 5
+    # classifier: Platt-scale the out-of-fold logits before taking the ratio.
+    calibrate: bool = True
+    # kmm: Gaussian kernel width as a multiple of the median pairwise distance.
+    kmm_bandwidth_scale: float = 1.0
+    # kmm: upper bound B on each weight while solving.
+    kmm_bound: float = 1000.0
+    # kmm: projected-gradient steps (fewer smooth the weights).
+    kmm_iterations: int = 300
+    # Use at most this many target rows (a seeded sample) for the estimate (None: all).
+    max_target: int | None = 10000
+
+
+@dataclass
 class PlotConfig:
     """The 2-D embedding plot of source and target features written to the run folder."""
 
@@ -197,6 +264,7 @@ class AdaptConfig:
     multimodal: MultimodalSection = field(default_factory=MultimodalSection)
     data: AdaptDataConfig = field(default_factory=AdaptDataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/domain_adapt", trackers=[]))
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -226,6 +294,27 @@ def check_config(cfg: AdaptConfig) -> None:
         )
     if m.weight < 0:
         raise ConfigError(f"method.weight must be >= 0, got {m.weight}.")
+    sources = 1 + len(cfg.data.extra_sources)
+    if cfg.data.target is None and m.name != "none" and sources == 1:
+        raise ConfigError(
+            f"method.name={m.name} needs a second domain: set data.target (unlabelled target images) or add labelled "
+            "sources to data.extra_sources; or use method.name=none."
+        )
+    if sources > 1 and m.name in ("cdan", "cdan+e"):
+        raise ConfigError(
+            f"method.name={m.name} has no multi-domain form here; with data.extra_sources use dann (a K-way domain "
+            "discriminator), coral or mmd (between every pair of domains)."
+        )
+    r = cfg.reweight
+    if r.method != "none":
+        if cfg.data.target is None:
+            raise ConfigError(f"reweight.method={r.method} estimates p_target(x)/p_source(x) and needs data.target (unlabelled target images).")
+        if r.clip_max is not None and r.clip_max <= 1.0:
+            raise ConfigError(f"reweight.clip_max must be above 1 (weights have mean 1), got {r.clip_max}; or null for no clipping.")
+        if r.features == "model" and not r.model_dir:
+            raise ConfigError("reweight.features=model needs reweight.model_dir: a saved model folder (e.g. runs/<run>/model).")
+        if r.folds < 2:
+            raise ConfigError(f"reweight.folds must be at least 2 (cross-fitting), got {r.folds}.")
     if cfg.data.in_memory and cfg.data.augment.enabled and cfg.task == "classify":
         logger.info("data.augment is on: images are preprocessed on the fly (data.in_memory is ignored).")
 
@@ -348,12 +437,26 @@ class ImageClassifier(nn.Module):
 # ----------------------------------------------------------------------------- domain losses
 
 
-def build_domain_loss(method: MethodConfig, features_dim: int, num_classes: int = 0, seed: int = 0) -> nn.Module | None:
-    """The loss module of ``method.name`` for ``features_dim``-wide features (None for "none")."""
+def build_domain_loss(method: MethodConfig, features_dim: int, num_classes: int = 0, seed: int = 0,
+                      num_domains: int | None = None) -> nn.Module | None:
+    """The loss module of ``method.name`` for ``features_dim``-wide features (None for "none").
+
+    ``num_domains`` (K, several sources): the multi-domain form, called as
+    ``loss(features, domain_ids, lambda_)``: a K-way discriminator for "dann",
+    CORAL or MMD averaged over every pair of domains for "coral" and "mmd".
+    """
     d = method.discriminator
     name = method.name
     if name == "none":
         return None
+    if num_domains is not None:
+        if name == "dann":
+            disc = DomainDiscriminator(features_dim, d.hidden_dim, d.num_layers, d.batch_norm, d.dropout, num_outputs=num_domains)
+            return MultiDomainAdversarialLoss(disc, num_domains)
+        if name in ("coral", "mmd"):
+            pair = CORALLoss() if name == "coral" else MultipleKernelMMD(method.mmd_bandwidths)
+            return PairwiseDomainLoss(pair, num_domains)
+        raise ConfigError(f"method.name={name} has no multi-domain form; use dann, coral or mmd with several sources.")
     if name == "dann":
         return DomainAdversarialLoss(DomainDiscriminator(features_dim, d.hidden_dim, d.num_layers, d.batch_norm, d.dropout))
     if name in ("cdan", "cdan+e"):
@@ -387,28 +490,67 @@ def _log_metrics(transfer: DomainLossOutput | None) -> dict[str, torch.Tensor | 
     return {"transfer_loss": transfer.loss.detach(), **transfer.metrics()}
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """sum(w v) / sum(w) over the batch (the plain mean without weights): the importance-weighted risk.
+
+    Shapes:
+        values: (B,), weights: (B,) or None -> ().
+
+    Example:
+        >>> float(weighted_mean(torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])))
+        1.5
+    """
+    if weights is None:
+        return values.mean()
+    w = weights.detach().to(values.dtype)
+    return (w * values).sum() / w.sum().clamp_min(1e-12)
+
+
+def _domain_ids(source: dict[str, Any], n_target: int, target_id: int) -> torch.Tensor:
+    """Domain ids of a [source; target] batch: the source rows' own, then ``target_id`` for the target rows."""
+    ids = source.get("domain")
+    if ids is None:
+        raise ValueError("A multi-source batch must carry 'domain' ids for its source rows (the loader adds them).")
+    if n_target == 0:
+        return ids
+    return torch.cat([ids, torch.full((n_target,), target_id, dtype=ids.dtype, device=ids.device)])  # (B + B',)
+
+
 # ----------------------------------------------------------------------------- tasks
 
 
 class ClassifyAdaptTask(nn.Module):
     """Source cross-entropy plus a domain loss on the classifier's features.
 
-    Batches: ``{"source": {"pixel_values": (B, 3, S, S), "labels": (B,)}, "target": {"pixel_values": (B', 3, S, S)}}``.
-    Source and target go through the network as one concatenated batch (one
-    forward, one backward; batch norm sees both domains). Source-only
-    (``method.name="none"``) never touches the target batch.
+    Batches: ``{"source": {"pixel_values": (B, 3, S, S), "labels": (B,)}, "target": {"pixel_values": (B', 3, S, S)}}``;
+    the source may carry ``weight`` (B,) importance weights and, with several
+    sources, ``domain`` (B,) ids. Source and target go through the network as
+    one concatenated batch (one forward, one backward; batch norm sees both
+    domains). Source-only (``method.name="none"``) never touches the target batch.
+
+    Args:
+        model: the classifier.
+        method: the domain loss.
+        num_sources: labelled source domains (> 1: the multi-domain losses over
+            sources 0..S-1 and, with ``with_target``, the target as domain S).
+        with_target: whether batches have an unlabelled target part.
 
     Objective:
-        L = CE(h(f_s), y_s) + weight * L_domain(f_s, f_t; lambda(p)), lambda(p) from :func:`grl_lambda`.
+        L = sum_i w_i CE(h(f_i), y_i) / sum_i w_i + weight * L_domain(f; lambda(p)),
+        w = 1 without re-weighting, lambda(p) from :func:`grl_lambda`.
     """
 
-    def __init__(self, model: ImageClassifier, method: MethodConfig, seed: int = 0) -> None:
+    def __init__(self, model: ImageClassifier, method: MethodConfig, seed: int = 0, num_sources: int = 1, with_target: bool = True) -> None:
         super().__init__()
         self.model = model
         self.method = method
+        self.num_sources = num_sources
+        self.multi = num_sources > 1
         use_pooled = method.features == "pooled"
         dim = int(model.backbone.width) if use_pooled else model.features_dim
-        self.domain_loss = build_domain_loss(method, dim, model.num_classes, seed)
+        domains = num_sources + int(with_target) if self.multi else None
+        self.domain_loss = build_domain_loss(method, dim, model.num_classes, seed, num_domains=domains)
+        self.uses_target = self.domain_loss is not None and with_target
 
     @property
     def adapts(self) -> bool:
@@ -421,20 +563,23 @@ class ClassifyAdaptTask(nn.Module):
         src = batch["source"]
         xs, ys = src["pixel_values"], src["labels"]
         B = xs.shape[0]
-        if self.adapts:
+        if self.uses_target:
             xt = batch["target"]["pixel_values"]
             out = self.model(torch.cat([xs, xt], dim=0))  # (B + B', ...) one pass over both domains
         else:
             out = self.model(xs)
         logits_s = out.logits[:B]  # (B, C)
-        cls_loss = F.cross_entropy(logits_s.float(), ys)
+        cls_loss = weighted_mean(F.cross_entropy(logits_s.float(), ys, reduction="none"), src.get("weight"))
         loss = cls_loss
         metrics: dict[str, torch.Tensor | float] = {"cls_loss": cls_loss.detach(),
                                                     "source_acc": (logits_s.argmax(1) == ys).float().mean().detach()}
         if self.adapts:
             f = self.adapted_features(out)
             lam = grl_lambda(self.method, info.progress)
-            transfer = _apply_domain_loss(self.domain_loss, self.method.name, f[:B], f[B:], lam, out.logits[:B], out.logits[B:])
+            if self.multi:
+                transfer = self.domain_loss(f, _domain_ids(src, f.shape[0] - B, self.num_sources), lam)
+            else:
+                transfer = _apply_domain_loss(self.domain_loss, self.method.name, f[:B], f[B:], lam, out.logits[:B], out.logits[B:])
             loss = loss + self.method.weight * transfer.loss
             metrics.update(_log_metrics(transfer))
         return TaskOutput(loss=loss, metrics=metrics)
@@ -447,8 +592,8 @@ class ClassifyAdaptTask(nn.Module):
 
     @torch.no_grad()
     def domain_accuracy(self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> float | None:
-        """The discriminator's balanced accuracy on evaluation features (None when not adversarial)."""
-        if self.method.name not in ADVERSARIAL:
+        """The discriminator's balanced accuracy on evaluation features (None when not adversarial or multi-domain)."""
+        if self.method.name not in ADVERSARIAL or self.multi:
             return None
         source, target = _to_module(self.domain_loss, source), _to_module(self.domain_loss, target)
         out = _apply_domain_loss(self.domain_loss, self.method.name, source["features"], target["features"], 0.0,
@@ -463,17 +608,23 @@ class MultimodalAdaptTask(nn.Module):
     and ``input_ids``/``attention_mask`` (B, T) (+ ``text_pooled`` when the text
     tower is cached); ``target`` with ``image_pooled`` (B', Di) or ``pixel_values``.
 
+    The source may carry ``weight`` (B,) importance weights (a weighted InfoNCE)
+    and, with several sources, ``domain`` (B,) ids; ``num_sources`` and
+    ``with_target`` as in :class:`ClassifyAdaptTask`.
+
     Objective:
-        L = InfoNCE(z_img_s, z_txt_s) + weight * L_domain(phi_s, phi_t; lambda(p)),
+        L = InfoNCE_w(z_img_s, z_txt_s) + weight * L_domain(phi_s, phi_t; lambda(p)),
         phi = the normalised image embedding (default), the tower's pooled features,
         or fused features. For fused features a target image, having no caption, is
         fused with the source caption of the batch nearest to it in the shared space.
     """
 
-    def __init__(self, model: Any, method: MethodConfig, seed: int = 0) -> None:
+    def __init__(self, model: Any, method: MethodConfig, seed: int = 0, num_sources: int = 1, with_target: bool = True) -> None:
         super().__init__()
         self.model = model
         self.method = method
+        self.num_sources = num_sources
+        self.multi = num_sources > 1
         self.contrastive = ContrastiveLoss()
         where = "embedding" if method.features == "auto" else method.features
         self.where = where
@@ -486,7 +637,9 @@ class MultimodalAdaptTask(nn.Module):
             )
         dims = {"embedding": model.config.embed_dim, "pooled": model.image_encoder.width,
                 "fused": model.fusion.norm.normalized_shape[0] if model.fusion is not None else 0}
-        self.domain_loss = build_domain_loss(method, dims[where], 0, seed)
+        domains = num_sources + int(with_target) if self.multi else None
+        self.domain_loss = build_domain_loss(method, dims[where], 0, seed, num_domains=domains)
+        self.uses_target = self.domain_loss is not None and with_target
         # Unused parameters must not require gradients under DDP: the fusion stack only
         # serves fused adaptation here, and its matching head never does.
         if model.fusion is not None:
@@ -517,30 +670,39 @@ class MultimodalAdaptTask(nn.Module):
         zi_s = model.project_image(img_s.pooled)  # (B, E)
         zt_s = model.project_text(txt_s.pooled)  # (B, E)
         scale = model.get_logit_scale()
-        con = self.contrastive(zi_s, zt_s, scale, caption_groups(src["input_ids"], src["attention_mask"]))
+        con = self.contrastive(zi_s, zt_s, scale, caption_groups(src["input_ids"], src["attention_mask"]), weights=src.get("weight"))
         loss = con.loss
         metrics: dict[str, torch.Tensor | float] = {"contrastive": con.loss.detach(), "acc_i2t": con.accuracy_i2t,
                                                     "logit_scale": scale.detach()}
         if self.domain_loss is not None:
-            img_t = self.image_features(batch["target"])
-            zi_t = model.project_image(img_t.pooled)  # (B', E)
+            if self.uses_target:
+                img_t = self.image_features(batch["target"])
+                zi_t = model.project_image(img_t.pooled)  # (B', E)
             if self.where == "embedding":
-                f_s, f_t = zi_s, zi_t
+                f_s, f_t = zi_s, (zi_t if self.uses_target else None)
             elif self.where == "pooled":
-                f_s, f_t = img_s.pooled, img_t.pooled
+                f_s, f_t = img_s.pooled, (img_t.pooled if self.uses_target else None)
             else:
-                f_s, f_t = self._fused(img_s.tokens, img_t.tokens, txt_s, zi_t, zt_s)
+                f_s, f_t = self._fused(img_s.tokens, img_t.tokens if self.uses_target else None, txt_s,
+                                       zi_t if self.uses_target else None, zt_s)
             lam = grl_lambda(self.method, info.progress)
-            transfer = _apply_domain_loss(self.domain_loss, self.method.name, f_s, f_t, lam)
+            if self.multi:
+                f = f_s if f_t is None else torch.cat([f_s, f_t])  # (B + B', D)
+                transfer = self.domain_loss(f, _domain_ids(src, f.shape[0] - f_s.shape[0], self.num_sources), lam)
+            else:
+                transfer = _apply_domain_loss(self.domain_loss, self.method.name, f_s, f_t, lam)
             loss = loss + self.method.weight * transfer.loss
             metrics.update(_log_metrics(transfer))
         return TaskOutput(loss=loss, metrics=metrics)
 
-    def _fused(self, tokens_s: torch.Tensor, tokens_t: torch.Tensor, txt_s: Any, zi_t: torch.Tensor, zt_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if tokens_s is None or tokens_t is None or txt_s.tokens is None:
+    def _fused(self, tokens_s: torch.Tensor, tokens_t: torch.Tensor | None, txt_s: Any, zi_t: torch.Tensor | None,
+               zt_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if tokens_s is None or (zi_t is not None and tokens_t is None) or txt_s.tokens is None:
             raise ConfigError("method.features=fused needs image and text tokens; the feature cache must keep them.")
-        nearest = (zi_t @ zt_s.T).detach().argmax(dim=1)  # (B', E) @ (E, B) -> (B', B) -> (B',)
         fused_s = self.model.fuse(tokens_s, txt_s.tokens, txt_s.attention_mask).pooled  # (B, W)
+        if zi_t is None:
+            return fused_s, None
+        nearest = (zi_t @ zt_s.T).detach().argmax(dim=1)  # (B', E) @ (E, B) -> (B', B) -> (B',)
         fused_t = self.model.fuse(tokens_t, txt_s.tokens[nearest], txt_s.attention_mask[nearest]).pooled  # (B', W)
         return fused_s, fused_t
 
@@ -552,7 +714,7 @@ class MultimodalAdaptTask(nn.Module):
 
     @torch.no_grad()
     def domain_accuracy(self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> float | None:
-        if self.method.name not in ADVERSARIAL or self.where != "embedding":
+        if self.method.name not in ADVERSARIAL or self.where != "embedding" or self.multi:
             return None
         source, target = _to_module(self.domain_loss, source), _to_module(self.domain_loss, target)
         return float(self.domain_loss(source["features"], target["features"], 0.0).domain_accuracy)
@@ -766,23 +928,106 @@ class _Built:
     info: dict[str, Any]
 
 
+@dataclass
+class _Sources:
+    """The labelled source domains: each one's data set, their concatenation, and per-row values.
+
+    Shapes:
+        domain: (N,) which source each pooled row comes from; weight: (N,) importance weights or None.
+    """
+
+    parts: list[Any]
+    names: list[str]
+    pooled: Any
+    domain: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.parts)
+
+    def items(self, balance: bool, seed: int) -> list[int]:
+        """Pooled row positions of one epoch: each row once, or (balanced) every source as often as the largest."""
+        if self.count == 1 or not balance:
+            return list(range(len(self.domain)))
+        return balanced_items(self.domain, seed)
+
+    def row_values(self) -> dict[str, torch.Tensor]:
+        """What each source batch carries besides the collator's output: importance weights, domain ids."""
+        out: dict[str, torch.Tensor] = {}
+        if self.weight is not None:
+            out["weight"] = self.weight
+        if self.count > 1:
+            out["domain"] = self.domain
+        return out
+
+
+def balanced_items(domain: torch.Tensor, seed: int = 0) -> list[int]:
+    """Row positions in which every domain appears as often as the largest one (smaller ones repeat, then a seeded remainder).
+
+    Example:
+        >>> sorted(balanced_items(torch.tensor([0, 0, 0, 0, 1, 1])))
+        [0, 1, 2, 3, 4, 4, 5, 5]
+    """
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(domain)
+    target = int(counts.max())
+    out: list[int] = []
+    for k in range(len(counts)):
+        rows = (domain == k).nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        reps, rest = divmod(target, len(rows))
+        out += rows.repeat(reps).tolist() + rows[torch.randperm(len(rows), generator=gen)[:rest]].tolist()
+    return out
+
+
+class RowValues:
+    """Wraps a collator and adds per-row values (importance weights, domain ids) to its batches.
+
+    Items are row positions (ints) or data set rows with ``image_id`` equal to
+    their position (:func:`~mmtransfer.features.with_row_ids`).
+
+    Shapes:
+        each value (N,) -> batch[key] (B,).
+    """
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]], values: dict[str, torch.Tensor]) -> None:
+        self.collate = collate
+        self.values = values
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        batch = self.collate(items)
+        positions = torch.as_tensor([int(i["image_id"]) if isinstance(i, dict) else int(i) for i in items], dtype=torch.long)  # (B,)
+        for key, value in self.values.items():
+            batch[key] = value[positions]
+        return batch
+
+
+def _with_rows(collate: Any, sources: _Sources) -> Any:
+    values = sources.row_values()
+    return RowValues(collate, values) if values else collate
+
+
 def _fast_dev(cfg: AdaptConfig) -> None:
     cfg.train.fast_dev_run = True
-    for section in (cfg.data.source, cfg.data.target, cfg.data.target_test, cfg.data.source_test):
+    for section in (cfg.data.source, *cfg.data.extra_sources, cfg.data.target, cfg.data.target_test, cfg.data.source_test):
         if section is not None:
             section.max_samples = min(section.max_samples or 64, 64)
     cfg.data.max_eval_samples = min(cfg.data.max_eval_samples or 64, 64)
     cfg.train.batch_size = min(cfg.train.batch_size, 16)
     cfg.plot.max_points = min(cfg.plot.max_points, 64)
+    cfg.reweight.folds = min(cfg.reweight.folds, 3)
 
 
-def _load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict[str, Any], _Sources]:
     from . import data as mmdata
 
     sets: dict[str, Any] = {}
     reports: dict[str, Any] = {}
-    sections = {"source": cfg.data.source, "target": cfg.data.target, "target_test": cfg.data.target_test,
-                "source_test": cfg.data.source_test}
+    sources = [cfg.data.source, *cfg.data.extra_sources]
+    sections = {("source" if i == 0 else f"source{i}"): s for i, s in enumerate(sources)}
+    sections.update({"target": cfg.data.target, "target_test": cfg.data.target_test, "source_test": cfg.data.source_test})
     with accelerator.main_process_first():
         for name, section in sections.items():
             if section is None:
@@ -790,7 +1035,50 @@ def _load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict
             loaded = mmdata.load_with_report(section)
             sets[name], reports[name] = loaded.dataset, loaded.report.to_dict()
             logger.info("%s: %d images (%s, split %s)", name, len(loaded.dataset), section.name, section.split)
-    return sets, reports
+    parts = [sets.pop(name) for name in list(sections)[: len(sources)]]
+    names = [f"{s.name}:{s.split}" if s.split else s.name for s in sources]
+    pooled, domain = pool_sources(parts, names, need_labels=cfg.task == "classify")
+    sets["source"] = pooled
+    return sets, reports, _Sources(parts, names, pooled, domain)
+
+
+def pool_sources(parts: list[Any], names: list[str], need_labels: bool = True) -> tuple[Any, torch.Tensor]:
+    """Concatenate labelled source data sets into one, and say which source each row came from.
+
+    The pooled set keeps the columns every part has among ``image``, ``captions``
+    and ``label``; labels must name the same classes in the same order (when
+    ``need_labels``; otherwise differing labels are dropped).
+
+    Shapes:
+        -> (pooled data set, domain ids (N,)).
+    """
+    lengths = torch.tensor([len(p) for p in parts])
+    domain = torch.repeat_interleave(torch.arange(len(parts)), lengths)  # (N,)
+    if len(parts) == 1:
+        return parts[0], domain
+    from datasets import concatenate_datasets
+
+    keep = [c for c in ("image", "captions", "label") if all(c in p.column_names for p in parts)]
+    if need_labels and "label" not in keep:
+        missing = [n for n, p in zip(names, parts) if "label" not in p.column_names]
+        raise ConfigError(f"Every source must be labelled for task=classify; {', '.join(missing)} has no 'label' column.")
+    if "label" in keep:
+        class_lists = [list(getattr(p.features["label"], "names", None) or []) for p in parts]
+        if any(c != class_lists[0] for c in class_lists[1:]):
+            odd = next(n for n, c in zip(names, class_lists) if c != class_lists[0])
+            if need_labels:
+                raise ConfigError(
+                    f"The source {odd} names its classes differently from {names[0]} ({class_lists[0][:3]}...): every source "
+                    "must list the same classes in the same order (set class_names on the data sections)."
+                )
+            keep.remove("label")
+    trimmed = [p.select_columns(keep) for p in parts]
+    try:
+        trimmed = [trimmed[0]] + [p.cast(trimmed[0].features) for p in trimmed[1:]]
+        pooled = concatenate_datasets(trimmed)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"The sources {', '.join(names)} cannot be pooled: their columns {keep} differ in type ({err}).") from None
+    return pooled, domain
 
 
 def _eval_sets(cfg: AdaptConfig, sets: dict[str, Any]) -> dict[str, Any]:
@@ -801,8 +1089,15 @@ def _eval_sets(cfg: AdaptConfig, sets: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) -> _Built:
+def _check_loaders(bs: int, **loaders: Any) -> None:
+    for role, loader in loaders.items():
+        if loader is not None and len(loader) == 0:
+            raise ConfigError(f"The {role} data has fewer images than one batch of {bs}: lower train.batch_size.")
+
+
+def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources) -> _Built:
     from .data.collate import LabelCollator, PairedLoader, make_loader
+    from .features import with_row_ids
 
     names = _class_names(sets["source"], "source")
     for key in ("target_test", "source_test"):
@@ -814,32 +1109,39 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) ->
                     "classes in the same order (set class_names on the data sections)."
                 )
     model = ImageClassifier(cfg.classifier, len(names), names)
-    task = ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed)
+    task = ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target="target" in sets)
     pre = model.preprocessor
     bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
     evals = _eval_sets(cfg, sets)
+    items = sources.items(cfg.data.balance_sources, seed)
     in_memory = cfg.data.in_memory and not cfg.data.augment.enabled
     progress = accelerator.is_local_main_process and cfg.train.progress_bar
+    target = None
     if in_memory:
         started = time.perf_counter()
-        pixels: dict[str, torch.Tensor] = {}
-        for name, ds in [("source", sets["source"]), ("target", sets["target"])] + [(f"eval/{k}", v) for k, v in evals.items()]:
+        pixels: dict[str, torch.Tensor] = {"source": torch.cat([preprocess_all(p, pre, progress=progress) for p in sources.parts])}
+        for name, ds in ([("target", sets["target"])] if "target" in sets else []) + [(f"eval/{k}", v) for k, v in evals.items()]:
             pixels[name] = preprocess_all(ds, pre, progress=progress)
         logger.info("Preprocessed %d images into memory in %.1f s.", sum(len(p) for p in pixels.values()), time.perf_counter() - started)
-        source = _loader(list(range(len(sets["source"]))), TensorBatches(pixels["source"], _labels(sets["source"])), bs, True, seed, True)
-        target = _loader(list(range(len(sets["target"]))), TensorBatches(pixels["target"], None), bs, True, seed + 1, True)
+        source = _loader(items, _with_rows(TensorBatches(pixels["source"], _labels(sets["source"])), sources), bs, True, seed, True)
+        if "target" in sets:
+            target = _loader(list(range(len(sets["target"]))), TensorBatches(pixels["target"], None), bs, True, seed + 1, True)
         eval_loaders = {k: _loader(list(range(len(v))), TensorBatches(pixels[f"eval/{k}"], _labels(v)), ebs, False, seed, False)
                         for k, v in evals.items()}
     else:
         aug = cfg.data.augment
         nw = cfg.train.num_workers
-        source = make_loader(sets["source"], LabelCollator(pre, train=True, augment=aug), bs, shuffle=True, seed=seed, num_workers=nw, drop_last=True)
-        target = make_loader(sets["target"], WithoutLabels(LabelCollator(pre, train=True, augment=aug, require_labels=False)),
-                             bs, shuffle=True, seed=seed + 1, num_workers=nw, drop_last=True)
+        source_ds = sets["source"]
+        if sources.row_values() or len(items) != len(source_ds):
+            source_ds = with_row_ids(source_ds)
+            source_ds = source_ds if len(items) == len(source_ds) else source_ds.select(items)
+        source = make_loader(source_ds, _with_rows(LabelCollator(pre, train=True, augment=aug), sources), bs, shuffle=True, seed=seed,
+                             num_workers=nw, drop_last=True)
+        if "target" in sets:
+            target = make_loader(sets["target"], WithoutLabels(LabelCollator(pre, train=True, augment=aug, require_labels=False)),
+                                 bs, shuffle=True, seed=seed + 1, num_workers=nw, drop_last=True)
         eval_loaders = {k: make_loader(v, LabelCollator(pre), ebs, num_workers=nw) for k, v in evals.items()}
-    for role, loader in (("source", source), ("target", target)):
-        if len(loader) == 0:
-            raise ConfigError(f"The {role} data has fewer images than one batch of {bs}: lower train.batch_size.")
+    _check_loaders(bs, source=source, target=target)
     train_loader = PairedLoader(source, target, steps="max", seed=seed)
 
     def evaluate(task: ClassifyAdaptTask, acc: Any, loaders: dict[str, Any]) -> dict[str, float]:
@@ -852,15 +1154,58 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) ->
         return out
 
     info = {"num_classes": len(names), "class_names": names, "parameters": sum(p.numel() for p in model.parameters()),
-            "preprocess": to_dict(model.preprocess), "in_memory": in_memory}
+            "preprocess": to_dict(model.preprocess), "in_memory": in_memory, "sources": sources.names}
     return _Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
 
 
-def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) -> _Built:
+def labels_and_names(dataset: Any) -> tuple[torch.Tensor, list[str]]:
+    """Class ids (N,) and class names of a labelled set, or, without a label column, of its first captions.
+
+    A captioned image folder with no label column is labelled by caption: each
+    distinct first caption is a class (names sorted).
+
+    Example:
+        >>> labels_and_names(folder_with_captions_only)            # doctest: +SKIP
+        (tensor([1, 0, 1]), ['cat face', 'grinning face'])
+    """
+    if "label" in dataset.column_names:
+        return _labels(dataset), _class_names(dataset, "evaluation")
+    if "captions" not in dataset.column_names:
+        raise ConfigError(f"This evaluation set has neither a 'label' nor a 'captions' column ({', '.join(dataset.column_names)}).")
+    firsts = [(c if isinstance(c, str) else c[0]) for c in dataset.select_columns(["captions"])["captions"]]
+    names = sorted(set(firsts))
+    index = {n: i for i, n in enumerate(names)}
+    return torch.tensor([index[f] for f in firsts], dtype=torch.long), names
+
+
+def zero_shot_candidates(evals: dict[str, Any]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Every class name present in an evaluation set (in order of first appearance), and each set's labels as positions in that list.
+
+    Sets are matched by class *name*, so a labelled built-in set and a captioned
+    folder (labelled by caption) share candidates where their names agree.
+
+    Shapes:
+        -> names (K,), {set: (N_set,) positions in 0..K-1}.
+    """
+    candidates: list[str] = []
+    where: dict[str, int] = {}
+    mapped: dict[str, torch.Tensor] = {}
+    for key, ds in evals.items():
+        labels, names = labels_and_names(ds)
+        for i in sorted(set(labels.tolist())):
+            if names[i] not in where:
+                where[names[i]] = len(candidates)
+                candidates.append(names[i])
+        lookup = torch.tensor([where.get(n, -1) for n in names], dtype=torch.long)
+        mapped[key] = lookup[labels]
+    return candidates, mapped
+
+
+def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources) -> _Built:
     import mmtransfer
 
     from .data.collate import CaptionCollator, ImageCollator, PairedLoader, make_loader
-    from .features import CachedCaptionCollator, image_features, text_features, with_row_ids
+    from .features import CachedCaptionCollator, CachedFeatures, image_features, text_features, with_row_ids
     from .finetune import _captions
 
     mm = cfg.multimodal
@@ -871,31 +1216,26 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) 
         model.freeze("text", mm.freeze.text_keep_last)
     if mm.freeze.image:
         model.freeze("image", mm.freeze.image_keep_last)
-    task = MultimodalAdaptTask(model, cfg.method, seed=cfg.train.seed)
+    has_target = "target" in sets
+    task = MultimodalAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target=has_target)
     if "captions" not in sets["source"].column_names:
         raise ConfigError("task=multimodal trains on source captions, but data.source has no 'captions' column.")
     source_ds = with_row_ids(sets["source"])
-    target_ds = with_row_ids(sets["target"])
+    target_ds = with_row_ids(sets["target"]) if has_target else None
     evals = {k: with_row_ids(v) for k, v in _eval_sets(cfg, sets).items()}
     captions = _captions(source_ds)
+    items = sources.items(cfg.data.balance_sources, cfg.train.seed)
     image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
     text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
     cache = cfg.data.cache_features and image_frozen and not cfg.data.augment.enabled
     keep_tokens = task.where == "fused"
     bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
-    feature_dir = None
-    if cfg.data.persist_features:
-        from .data.config import cache_root
-
-        feature_dir = Path(cfg.data.feature_cache_dir) if cfg.data.feature_cache_dir else cache_root(cfg.data.source) / "features"
+    feature_dir = _feature_dir(cfg)
     progress = accelerator.is_local_main_process and cfg.train.progress_bar
 
     # Zero-shot candidates: every class that occurs in an evaluation set (e.g. the unseen emoji).
-    class_names = _class_names(evals["source"], "source evaluation")
-    present = sorted(set().union(*(set(_labels(v).tolist()) for v in evals.values())))
-    candidate_names = [mm.prompt.format(class_names[i]) for i in present]
-    lookup = torch.full((len(class_names),), -1, dtype=torch.long)
-    lookup[torch.tensor(present)] = torch.arange(len(present))
+    class_names, eval_labels = zero_shot_candidates(evals)
+    candidate_names = [mm.prompt.format(n) for n in class_names]
 
     model.to(accelerator.device)
     text_cache, text_rows = None, {}
@@ -908,29 +1248,38 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) 
             name_feats = text_features(model.text_encoder, candidate_names, keep_tokens=False, cache_dir=feature_dir, progress=progress)
         feats: dict[str, Any] = {}
         if cache:
-            for name, ds in [("source", source_ds), ("target", target_ds)] + [(f"eval/{k}", v) for k, v in evals.items()]:
+            # Each source is cached on its own (its cache key is the same as in a single-source run), then pooled.
+            parts = [with_row_ids(p) for p in sources.parts]
+            for name, ds in ([(f"source/{i}", p) for i, p in enumerate(parts)] + ([("target", target_ds)] if has_target else [])
+                             + [(f"eval/{k}", v) for k, v in evals.items()]):
                 loader = make_loader(ds, ImageCollator(model.preprocessor), ebs)
                 feats[name] = image_features(model.image_encoder, loader, len(ds), keep_tokens=keep_tokens and not name.startswith("eval/"),
                                              cache_dir=feature_dir, data_key=f"{ds._fingerprint}", progress=progress)
+            pieces = [feats.pop(f"source/{i}") for i in range(len(parts))]
+            feats["source"] = pieces[0] if len(pieces) == 1 else CachedFeatures(
+                pooled=torch.cat([f.pooled for f in pieces]),
+                tokens=torch.cat([f.tokens for f in pieces]) if keep_tokens else None)
+    target = None
     if cache:
         src_collate = CachedCaptionCollator(feats["source"], captions, text_cache, text_rows, model.tokenizer,
                                             model.text_encoder.config.max_length, train=True, seed=seed)
-        source = _loader(list(range(len(source_ds))), src_collate, bs, True, seed, True)
-        target = _loader(list(range(len(target_ds))), CachedImages(feats["target"]), bs, True, seed + 1, True)
-        eval_loaders = {k: _loader(list(range(len(v))), CachedImages(feats[f"eval/{k}"], lookup[_labels(v)]), ebs, False, seed, False)
+        source = _loader(items, _with_rows(src_collate, sources), bs, True, seed, True)
+        if has_target:
+            target = _loader(list(range(len(target_ds))), CachedImages(feats["target"]), bs, True, seed + 1, True)
+        eval_loaders = {k: _loader(list(range(len(v))), CachedImages(feats[f"eval/{k}"], eval_labels[k]), ebs, False, seed, False)
                         for k, v in evals.items()}
         logger.info("Frozen image tower: training on cached image features.")
     else:
         nw = cfg.train.num_workers
-        source = make_loader(source_ds, CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=seed),
+        train_ds = source_ds if len(items) == len(source_ds) else source_ds.select(items)
+        source = make_loader(train_ds, _with_rows(CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=seed), sources),
                              bs, shuffle=True, seed=seed, num_workers=nw, drop_last=True)
-        target = make_loader(target_ds, WithoutLabels(ImageCollator(model.preprocessor.with_augment(cfg.data.augment))),
-                             bs, shuffle=True, seed=seed + 1, num_workers=nw, drop_last=True)
-        eval_loaders = {k: make_loader(v, _MappedLabels(ImageCollator(model.preprocessor), lookup, _labels(v)), ebs, num_workers=nw)
+        if has_target:
+            target = make_loader(target_ds, WithoutLabels(ImageCollator(model.preprocessor.with_augment(cfg.data.augment))),
+                                 bs, shuffle=True, seed=seed + 1, num_workers=nw, drop_last=True)
+        eval_loaders = {k: make_loader(v, _MappedLabels(ImageCollator(model.preprocessor), eval_labels[k]), ebs, num_workers=nw)
                         for k, v in evals.items()}
-    for role, loader in (("source", source), ("target", target)):
-        if len(loader) == 0:
-            raise ConfigError(f"The {role} data has fewer images than one batch of {bs}: lower train.batch_size.")
+    _check_loaders(bs, source=source, target=target)
     train_loader = PairedLoader(source, target, steps="max", seed=seed)
 
     def class_embeddings(task: MultimodalAdaptTask) -> torch.Tensor:
@@ -949,20 +1298,143 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) 
                 out["domain_acc"] = 100.0 * dacc
         return out
 
-    info = {"zero_shot_classes": len(present), "feature_cache": bool(cache)}
+    info = {"zero_shot_classes": len(class_names), "feature_cache": bool(cache), "sources": sources.names}
     return _Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
 
 
-class _MappedLabels:
-    """Adds ``labels`` (positions among the zero-shot candidates) to an image collator's batches."""
+def _feature_dir(cfg: AdaptConfig) -> Path | None:
+    if not cfg.data.persist_features:
+        return None
+    from .data.config import cache_root
 
-    def __init__(self, collate: Any, lookup: torch.Tensor, labels: torch.Tensor) -> None:
-        self.collate, self.lookup, self.labels = collate, lookup, labels
+    return Path(cfg.data.feature_cache_dir) if cfg.data.feature_cache_dir else cache_root(cfg.data.source) / "features"
+
+
+class _MappedLabels:
+    """Adds ``labels`` (positions among the zero-shot candidates, by row) to an image collator's batches."""
+
+    def __init__(self, collate: Any, labels: torch.Tensor) -> None:
+        self.collate, self.labels = collate, labels
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.collate(rows)
-        batch["labels"] = self.lookup[self.labels[batch["image_index"]]]
+        batch["labels"] = self.labels[batch["image_index"]]
         return batch
+
+
+# ----------------------------------------------------------------------------- importance weights
+
+
+WEIGHTS_FILE = "source_weights.safetensors"
+
+
+@torch.no_grad()
+def ratio_features(cfg: AdaptConfig, dataset: Any, progress: bool = False) -> torch.Tensor:
+    """The features ``reweight.features`` names, for every row of ``dataset``: (N, D) float32 on the CPU."""
+    from .data.collate import ImageCollator, make_loader
+    from .features import with_row_ids
+    from .models.preprocess import PreprocessConfig
+
+    r = cfg.reweight
+    if r.features == "pixels":
+        pre = ImagePreprocessor(PreprocessConfig(image_size=r.pixel_size, crop_pct=1.0, interpolation="bilinear",
+                                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+        return preprocess_all(dataset, pre, progress=progress).flatten(1)  # (N, 3 * s * s)
+    ds = with_row_ids(dataset)
+    if r.features == "encoder":
+        from .features import image_features
+        from .models.image import ImageEncoder
+
+        encoder = ImageEncoder.from_config(ImageEncoderConfig(name=r.encoder, pretrained=True))
+        loader = make_loader(ds, ImageCollator(encoder.preprocessor), cfg.data.eval_batch_size)
+        return image_features(encoder, loader, len(ds), keep_tokens=False, cache_dir=_feature_dir(cfg),
+                              data_key=f"{ds._fingerprint}", progress=progress, desc="features for the density ratio").pooled
+    folder = Path(str(r.model_dir))
+    if (folder / "classifier.json").is_file():
+        clf = ImageClassifier.from_pretrained(folder)
+        loader = make_loader(ds, ImageCollator(clf.preprocessor), cfg.data.eval_batch_size)
+        return collect(loader, lambda b: {"f": clf(b["pixel_values"]).features})["f"]  # (N, F) the bottleneck
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"reweight.model_dir '{folder}' holds neither a saved classifier (classifier.json) nor a "
+                                "multimodal model (config.json); point it at a run's model/ folder.")
+    import mmtransfer
+
+    mm = mmtransfer.load(folder).eval()
+    loader = make_loader(ds, ImageCollator(mm.preprocessor), cfg.data.eval_batch_size)
+    return collect(loader, lambda b: {"f": mm.project_image(mm.image_encoder(b["pixel_values"]).pooled)})["f"]  # (N, E)
+
+
+def importance_weights(cfg: AdaptConfig, source: Any, target: Any, progress: bool = False) -> ImportanceWeights:
+    """Estimate the source rows' importance weights p_target/p_source as ``cfg.reweight`` says (no caching)."""
+    from .losses.reweight import estimate_importance_weights
+
+    r = cfg.reweight
+    started = time.perf_counter()
+    f_s = ratio_features(cfg, source, progress)
+    target = _subset(target, r.max_target, cfg.train.seed)
+    f_t = ratio_features(cfg, target, progress)
+    if r.method == "classifier":
+        options: dict[str, Any] = {"l2_grid": list(r.l2_grid), "folds": r.folds, "calibrate": r.calibrate, "pca_dim": r.pca_dim}
+    else:
+        options = {"bandwidth_scale": r.kmm_bandwidth_scale, "bound": r.kmm_bound, "iterations": r.kmm_iterations, "pca_dim": r.pca_dim}
+    iw = estimate_importance_weights(f_s, f_t, r.method, r.clip_max, seed=cfg.train.seed, **options)
+    iw.info.update({"features": r.features, "source_rows": int(f_s.shape[0]), "target_rows": int(f_t.shape[0]),
+                    "seconds": round(time.perf_counter() - started, 1)})
+    return iw
+
+
+def _source_weights(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources) -> dict[str, Any] | None:
+    """Compute (or, on resume, restore) the source weights, put them on ``sources`` and return their summary.
+
+    The weights are estimated once, on the main process, and written to the run
+    folder with a histogram; a resumed run (``train.resume``) reads them back
+    from there instead of estimating them again, so they cannot change.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from .losses.reweight import plot_weights
+
+    r = cfg.reweight
+    if r.method == "none":
+        return None
+    run_dir = Path(cfg.train.output_dir)
+    path = run_dir / WEIGHTS_FILE
+    n = len(sources.pooled)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (cfg.train.resume and path.is_file()):
+            iw = importance_weights(cfg, sources.pooled, sets["target"], accelerator.is_local_main_process and cfg.train.progress_bar)
+            stats = iw.stats(r.clip_max)
+            labels = _labels(sources.pooled) if "label" in sources.pooled.column_names else None
+            if labels is not None and labels.numel() and int(labels.max()) < 30:
+                counts = torch.bincount(labels).double().clamp_min(1)
+                stats["mean_weight_by_class"] = (torch.zeros(len(counts), dtype=torch.float64).index_add_(0, labels, iw.weights.double())
+                                                 / counts).round(decimals=3).tolist()
+            if sources.count > 1:
+                stats["mean_weight_by_source"] = {name: float(iw.weights[sources.domain == i].mean()) for i, name in enumerate(sources.names)}
+            run_dir.mkdir(parents=True, exist_ok=True)
+            meta = {"method": iw.method, "stats": json.dumps(stats), "info": json.dumps(iw.info)}
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({"weights": iw.weights.contiguous(), "ratio": iw.ratio.contiguous()}, str(tmp), metadata=meta)
+            tmp.rename(path)
+            names = _class_names(sources.pooled, "source") if labels is not None else None
+            plot_weights(iw, run_dir / "source_weights.png", labels, names, r.clip_max)
+            logger.info("Importance weights (%s on %s features, %.0f s): min %.3f, max %.2f, ESS %.0f of %d (%.0f%%).",
+                        iw.method, r.features, iw.info["seconds"], stats["min"], stats["max"], stats["ess"], n, 100 * stats["ess_fraction"])
+        elif accelerator.is_main_process:
+            logger.info("Resuming: importance weights restored from %s (not estimated again).", path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The importance weights {path} were not written; is train.output_dir shared by every process?")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    weights = load_file(str(path))["weights"]
+    if weights.shape != (n,):
+        raise ConfigError(f"The importance weights in {path} cover {weights.shape[0]} source rows, but the source now has {n}: "
+                          "the data changed since the run started. Start a new run (another train.output_dir).")
+    sources.weight = weights
+    return {"method": meta.get("method"), "file": str(path), **json.loads(meta.get("stats", "{}")),
+            "estimator": json.loads(meta.get("info", "{}"))}
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -977,12 +1449,15 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     check_config(cfg)
     started = time.perf_counter()
     accelerator = make_accelerator(cfg.train)
-    sets, reports = _load_sets(cfg, accelerator)
-    built = (_build_classify if cfg.task == "classify" else _build_multimodal)(cfg, accelerator, sets)
+    sets, reports, sources = _load_sets(cfg, accelerator)
+    reweight = _source_weights(cfg, accelerator, sets, sources)
+    built = (_build_classify if cfg.task == "classify" else _build_multimodal)(cfg, accelerator, sets, sources)
     if accelerator.is_main_process:
         n_train = sum(p.numel() for p in built.task.parameters() if p.requires_grad)
         logger.info("Task %s, method %s: %s trainable parameters.", cfg.task, cfg.method.name, f"{n_train:,}")
     summary_extra = {"data": reports, "task_info": built.info}
+    if reweight is not None:
+        summary_extra["reweight"] = reweight
     trainer = Trainer(built.task, built.train_loader, cfg.train, cfg.optim, evaluate=built.evaluate,
                       eval_loaders=built.eval_loaders, run_config=cfg, export=built.export,
                       summary_extra=summary_extra, accelerator=accelerator)
@@ -1005,6 +1480,8 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
                                "steps": result.step, "method": cfg.method.name, "task": cfg.task,
                                "metrics": {k.split("/", 1)[-1]: v for k, v in result.metrics.items()}}
+    if reweight is not None:
+        summary["reweight"] = reweight
     if accelerator.is_main_process:
         run_dir = result.run_dir
         if after is not None:

@@ -299,7 +299,10 @@ class Trainer:
 
         if isinstance(train_loader, PairedLoader):
             # Source and target loaders are sharded separately; the pairing stays a plain iterable.
-            train_loader.source, train_loader.target = self.accelerator.prepare(train_loader.source, train_loader.target)
+            if train_loader.target is None:  # labelled sources only
+                train_loader.source = self.accelerator.prepare(train_loader.source)
+            else:
+                train_loader.source, train_loader.target = self.accelerator.prepare(train_loader.source, train_loader.target)
             prepared = self.accelerator.prepare(task, optimizer, *loaders.values())
             self.task, self.optimizer = prepared[:2]
             self.train_loader = train_loader

@@ -251,7 +251,9 @@ class PairedLoader:
     each loader and pass the prepared ones here. An epoch lasts ``steps`` batches:
     "max" (default) the longer loader's length, cycling the shorter one; "min"
     the shorter's; "source"/"target" that loader's; or a number. Each epoch starts
-    both loaders afresh.
+    both loaders afresh. ``target=None`` pairs with nothing: batches are
+    ``{"source": ...}`` alone (training on labelled sources only, e.g. domain
+    generalisation), and an epoch is the source loader's length.
 
     Determinism: at every (re)start of a loader, its order is re-seeded from
     ``(seed, epoch, which loader, pass)``: through ``set_epoch`` when the loader
@@ -266,7 +268,8 @@ class PairedLoader:
         ...     batch["source"]["labels"], batch["target"]["pixel_values"]
     """
 
-    def __init__(self, source: Iterable[Any], target: Iterable[Any], steps: int | Literal["max", "min", "source", "target"] = "max", seed: int = 0) -> None:
+    def __init__(self, source: Iterable[Any], target: Iterable[Any] | None, steps: int | Literal["max", "min", "source", "target"] = "max",
+                 seed: int = 0) -> None:
         self.source = source
         self.target = target
         if isinstance(steps, str) and steps not in ("max", "min", "source", "target"):
@@ -280,6 +283,10 @@ class PairedLoader:
     def __len__(self) -> int:
         if isinstance(self.steps, int):
             return self.steps
+        if self.target is None:
+            if self.steps == "target":
+                raise DataError("steps='target' needs a target loader; this PairedLoader has none.")
+            return _length(self.source, "source")
         ns, nt = _length(self.source, "source"), _length(self.target, "target")
         return {"max": max(ns, nt), "min": min(ns, nt), "source": ns, "target": nt}[self.steps]
 
@@ -307,12 +314,13 @@ class PairedLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch
         steps = len(self)
-        passes = {"source": 0, "target": 0}
-        iters = {"source": self._start(self.source, "source", epoch, 0), "target": self._start(self.target, "target", epoch, 0)}
         loaders = {"source": self.source, "target": self.target}
+        roles = [role for role in ("source", "target") if loaders[role] is not None]
+        passes = {role: 0 for role in roles}
+        iters = {role: self._start(loaders[role], role, epoch, 0) for role in roles}
         for _ in range(steps):
             batch = {}
-            for role in ("source", "target"):
+            for role in roles:
                 try:
                     batch[role] = next(iters[role])
                 except StopIteration:

@@ -32,7 +32,7 @@ import random
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import DEFAULT_NOTO_FONT, ENV_NOTO_FONT, DataConfig, DataError
 
@@ -140,18 +140,21 @@ class EmojiFont:
     """A colour emoji font: which emoji it draws as one glyph, and their renderings.
 
     Args:
-        path: the font file (COLR or CBDT).
+        path: the font file (COLR or CBDT; any outline font with emoji glyphs works too).
         size: the FreeType size to load it at.
         label: a name for messages.
+        ink: RGBA colour of glyphs the font does not colour itself (a monochrome
+            font such as Symbola); None keeps Pillow's default (white).
     """
 
-    def __init__(self, path: str | Path, size: int, label: str) -> None:
+    def __init__(self, path: str | Path, size: int, label: str, ink: tuple[int, int, int, int] | None = None) -> None:
         from fontTools.ttLib import TTFont
         from PIL import ImageFont
 
         self.path = Path(path)
         self.label = label
         self.size = size
+        self.ink = ink
         try:
             self.font = ImageFont.truetype(str(self.path), size)
         except OSError as err:
@@ -189,7 +192,7 @@ class EmojiFont:
         # Room for one emoji (wider sequences are caught by the advance check first).
         side = int(self.reference_advance * 1.3) + 8
         canvas = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-        ImageDraw.Draw(canvas).text((side // 2, side // 2), char, font=self.font, embedded_color=True, anchor="mm")
+        ImageDraw.Draw(canvas).text((side // 2, side // 2), char, font=self.font, embedded_color=True, anchor="mm", fill=self.ink)
         return canvas
 
     def inspect(self, char: str) -> tuple[str | None, "Image.Image | None"]:
@@ -564,3 +567,90 @@ def build_emoji_set(kind: str, config: DataConfig) -> tuple["DatasetDict", dict[
         return _build(kind, classes, rendered, noto.path, left_out)
 
     return cached_build(cache_root(config), kind, inputs, build)
+
+
+# ----------------------------------------------------------------------------- any font -> an image folder
+
+
+def render_font_folder(
+    font_path: str | Path,
+    out: str | Path,
+    splits: Sequence[str] = ("unseen",),
+    views: Sequence[int] | None = None,
+    image_size: int = 160,
+    font_size: int | None = None,
+    ink: tuple[int, int, int, int] | None = (0, 0, 0, 255),
+    label: str | None = None,
+    skin_tones: bool = False,
+) -> dict[str, Any]:
+    """Render every emoji a font draws into an image folder with CLDR-name captions (``metadata.jsonl``).
+
+    The emoji, their names, their splits and their views are those of the
+    built-in sets (:func:`emoji_entries`, :func:`split_of`, :func:`view_params`),
+    so a folder made from a third font is the same classes in a third style:
+    ``mmtransfer.data.load(out)`` reads it (each image's caption is its emoji's
+    name, and there is no label column: zero-shot evaluation labels images by
+    caption).
+
+    Args:
+        font_path: any font Pillow can load (COLR, CBDT, or monochrome outlines).
+        out: the folder to write (``images/*.png`` and ``metadata.jsonl``; also ``build_info.json``).
+        splits: which splits of the built-in sets to render: train, validation, test, unseen (or all).
+        views: which views (0 plain .. 3); None: every view the splits hold.
+        image_size: side of the square canvas in pixels.
+        font_size: FreeType size (None: 1.2 x image_size, or 109 for a bitmap font that only loads at that size).
+        ink: colour of glyphs the font does not colour itself (black by default).
+        label: a name for messages (default: the font file's name).
+
+    Returns:
+        what was written: rows per split, emoji drawn and left out (with reasons).
+
+    Example:
+        >>> info = render_font_folder("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf", "symbola")  # doctest: +SKIP
+        >>> info["rows"]                                                                                        # doctest: +SKIP
+        {'unseen': 772}
+    """
+    import json
+
+    path = Path(font_path)
+    if not path.is_file():
+        raise DataError(f"The font file {path} does not exist; give the path of a .ttf/.otf emoji font (e.g. Debian's fonts-symbola).")
+    wanted = set(SPLITS) if "all" in splits else set(splits)
+    unknown = wanted - set(SPLITS)
+    if unknown:
+        raise DataError(f"Unknown split(s) {sorted(unknown)}; choose from {', '.join(SPLITS)} or all.")
+    name = label or path.stem
+    try:
+        font = EmojiFont(path, font_size or max(32, round(image_size * 1.2)), name, ink)
+    except DataError:
+        if font_size is not None:
+            raise
+        font = EmojiFont(path, NOTO_BITMAP_SIZE, name, ink)  # bitmap (CBDT) fonts load at their one size
+    reference_side = float(max(font.glyph_image(REFERENCE_EMOJI).size))
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows: dict[str, int] = {}
+    left_out: dict[str, str] = {}
+    lines = []
+    for entry in emoji_entries(skin_tones):
+        todo = [v for v in (range(VIEWS) if views is None else views) if split_of(entry.char, v) in wanted]
+        if not todo:
+            continue
+        reason, glyph = font.inspect(entry.char)
+        if glyph is None:
+            left_out[entry.name] = f"{entry.char} {reason}"
+            continue
+        stem = "-".join(f"{ord(c):04x}" for c in entry.char)
+        for v in todo:
+            file = f"images/{stem}_v{v}.png"
+            render_view(glyph, reference_side, view_params(entry.char, v), image_size).save(out / file, optimize=False)
+            split = split_of(entry.char, v)
+            lines.append(json.dumps({"file_name": file, "text": entry.name, "split": split, "view": v}, ensure_ascii=False))
+            rows[split] = rows.get(split, 0) + 1
+    if not lines:
+        raise DataError(f"The font {path} draws none of the emoji of splits {sorted(wanted)}; is it an emoji font?")
+    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    info = {"font": str(path), "label": name, "image_size": image_size, "splits": sorted(wanted), "views": list(views) if views else "all",
+            "rows": rows, "emoji_drawn": len({json.loads(x)["text"] for x in lines}), "left_out": left_out}
+    (out / "build_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    return info

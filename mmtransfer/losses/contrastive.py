@@ -39,13 +39,20 @@ class ContrastiveLoss(nn.Module):
     the same group counts as a positive for an image, with the target spread
     evenly over them, so duplicates in a batch are not pushed apart.
 
+    ``weights`` (importance weights of the pairs, e.g. p_target/p_source of
+    their images) turn both means into weighted means over the *global* batch:
+    each process returns W * sum_local(w l) / sum_all(w), so the mean over
+    processes is still the single-process loss on the global batch.
+
     Objective:
         L = 1/2 [ CE(s * I T^T, P) + CE(s * T I^T, P^T) ],  s = clamped logit scale,
-        P_ij = 1/|group(i)| if group(i) = group(j) else 0.
+        P_ij = 1/|group(i)| if group(i) = group(j) else 0; with weights, each row's
+        cross-entropy counts w_i / sum(w) instead of 1/N.
 
     Shapes:
         image_embeds, text_embeds: (B, E), L2-normalised; logit_scale: ();
-        group_ids: (B,) int or None (then only the diagonal is positive).
+        group_ids: (B,) int or None (then only the diagonal is positive);
+        weights: (B,) non-negative, or None (plain means).
 
     Example:
         >>> loss = ContrastiveLoss()(F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1), torch.tensor(10.0))
@@ -59,8 +66,9 @@ class ContrastiveLoss(nn.Module):
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
         group_ids: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> ContrastiveOutput:
-        rank, _ = world()
+        rank, size = world()
         B = image_embeds.shape[0]
         all_images = all_gather_with_grad(image_embeds)  # (N, E), N = W*B
         all_texts = all_gather_with_grad(text_embeds)  # (N, E)
@@ -71,8 +79,14 @@ class ContrastiveLoss(nn.Module):
         all_groups = all_gather_no_grad(group_ids)  # (N,)
         positives = (group_ids[:, None] == all_groups[None, :]).to(logits_i2t.dtype)  # (B, N)
         targets = positives / positives.sum(1, keepdim=True)
-        loss_i2t = torch.sum(-targets * F.log_softmax(logits_i2t.float(), dim=-1), dim=-1).mean()
-        loss_t2i = torch.sum(-targets * F.log_softmax(logits_t2i.float(), dim=-1), dim=-1).mean()
+        rows_i2t = torch.sum(-targets * F.log_softmax(logits_i2t.float(), dim=-1), dim=-1)  # (B,)
+        rows_t2i = torch.sum(-targets * F.log_softmax(logits_t2i.float(), dim=-1), dim=-1)  # (B,)
+        if weights is None:
+            loss_i2t, loss_t2i = rows_i2t.mean(), rows_t2i.mean()
+        else:
+            w = weights.detach().float()  # (B,)
+            scale = size / all_gather_no_grad(w).sum().clamp_min(1e-12)  # W / sum of the global batch's weights
+            loss_i2t, loss_t2i = (w * rows_i2t).sum() * scale, (w * rows_t2i).sum() * scale
         with torch.no_grad():
             hit_i2t = positives.gather(1, logits_i2t.argmax(1, keepdim=True)).mean()
             hit_t2i = positives.gather(1, logits_t2i.argmax(1, keepdim=True)).mean()

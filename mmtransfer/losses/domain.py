@@ -1,5 +1,10 @@
 """Domain adaptation losses over features: gradient reversal, DANN, CDAN(+E), MK-MMD, CORAL.
 
+For more than two domains (several labelled sources, with or without a
+target): :class:`MultiDomainAdversarialLoss` (a K-way discriminator behind
+gradient reversal) and :class:`PairwiseDomainLoss` (CORAL or MMD averaged over
+every pair of domains).
+
 Every loss is a module mapping source and target features (and, for CDAN, the
 classifier's logits) to one :class:`DomainLossOutput`. None keeps a step
 counter: the gradient-reversal strength ``lambda_`` is an argument of every
@@ -107,7 +112,7 @@ class DomainLossOutput:
 
 
 class DomainDiscriminator(nn.Module):
-    """An MLP from features to one domain logit (source = 1, target = 0).
+    """An MLP from features to one domain logit (source = 1, target = 0), or K logits for K domains.
 
     It returns logits, never probabilities: the losses use
     ``binary_cross_entropy_with_logits``, which autocast runs in float32, so the
@@ -120,16 +125,18 @@ class DomainDiscriminator(nn.Module):
         batch_norm: batch norm in the hidden layers (tllib's default); source and
             target are normalised together, as they are concatenated.
         dropout: dropout after each hidden layer (the DANN paper uses 0.5).
+        num_outputs: 1 (binary source/target) or K (one logit per domain).
 
     Shapes:
-        (N, D) -> (N,) logits.
+        (N, D) -> (N,) logits, or (N, K) with ``num_outputs=K``.
 
     Example:
         >>> DomainDiscriminator(16, 32)(torch.randn(4, 16)).shape
         torch.Size([4])
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 1024, num_layers: int = 2, batch_norm: bool = True, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int = 1024, num_layers: int = 2, batch_norm: bool = True, dropout: float = 0.0,
+                 num_outputs: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = in_dim
@@ -141,14 +148,16 @@ class DomainDiscriminator(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = hidden_dim
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, num_outputs))
         self.net = nn.Sequential(*layers)
         self.in_dim = in_dim
+        self.num_outputs = num_outputs
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[-1] != self.in_dim:
             raise ValueError(f"The domain discriminator takes {self.in_dim}-d features, got shape {tuple(features.shape)}.")
-        return self.net(features).squeeze(-1)  # (N, 1) -> (N,)
+        out = self.net(features)  # (N, K)
+        return out.squeeze(-1) if self.num_outputs == 1 else out  # (N, 1) -> (N,)
 
 
 def _domain_bce(
@@ -419,3 +428,106 @@ def _covariance(x: torch.Tensor) -> torch.Tensor:
     """Unbiased covariance of the rows: (N, D) -> (D, D)."""
     centred = x - x.mean(dim=0, keepdim=True)  # (N, D)
     return centred.T @ centred / max(1, x.shape[0] - 1)  # (D, N) @ (N, D) -> (D, D)
+
+
+# ----------------------------------------------------------------------------- several domains
+
+
+class MultiDomainAdversarialLoss(nn.Module):
+    """Adversarial invariance across K domains: a K-way discriminator behind gradient reversal.
+
+    The multi-source form of DANN (as in domain generalisation with an
+    adversarial multi-domain discriminator, e.g. Li et al. 2018, MMD-AAE's
+    adversarial part; Zhao et al. 2018, MDAN with one discriminator): with
+    domain labels d in 0..K-1,
+
+        min_D max_G  L_d = 1/K sum_k E_{x ~ domain k} CE(D(R_lambda(G(x))), k)
+
+    Each domain's term is its batch mean, and the K terms count equally, so a
+    domain that fills more of the batch does not dominate. Domains absent from
+    a batch are left out of the average. With K = 2 this is DANN with a softmax
+    discriminator.
+
+    Args:
+        discriminator: maps (N, D) features to (N, K) logits (``DomainDiscriminator(..., num_outputs=K)``).
+        num_domains: K.
+
+    Shapes of ``forward``:
+        features: (N, D); domains: (N,) int in 0..K-1; lambda_: float -> :class:`DomainLossOutput`
+        (``domain_accuracy`` = the discriminator's balanced accuracy over the domains present; 1/K is chance).
+
+    Example:
+        >>> loss = MultiDomainAdversarialLoss(DomainDiscriminator(8, 16, num_outputs=3), 3)
+        >>> out = loss(torch.randn(12, 8), torch.arange(12) % 3, lambda_=1.0)
+        >>> out.loss.shape
+        torch.Size([])
+    """
+
+    def __init__(self, discriminator: nn.Module, num_domains: int) -> None:
+        super().__init__()
+        if num_domains < 2:
+            raise ValueError(f"A multi-domain discriminator needs at least 2 domains, got {num_domains}.")
+        self.discriminator = discriminator
+        self.num_domains = num_domains
+
+    def forward(self, features: torch.Tensor, domains: torch.Tensor, lambda_: float) -> DomainLossOutput:
+        logits = self.discriminator(grad_reverse(features, lambda_)).float()  # (N, K) float32 under autocast
+        if logits.ndim != 2 or logits.shape[1] != self.num_domains:
+            raise ValueError(f"The discriminator must return (N, {self.num_domains}) logits, got {tuple(logits.shape)}.")
+        weights = _domain_balance(domains, self.num_domains)  # (N,)
+        per_row = F.cross_entropy(logits, domains, reduction="none")  # (N,)
+        loss = (weights * per_row).sum()
+        with torch.no_grad():
+            hit = (logits.argmax(1) == domains).float()  # (N,)
+            acc = (weights * hit).sum()
+        return DomainLossOutput(loss=loss, lambda_=float(lambda_), domain_accuracy=acc)
+
+
+def _domain_balance(domains: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """Row weights (N,) that average each present domain's rows, then the domains equally."""
+    counts = torch.bincount(domains, minlength=num_domains).float()  # (K,)
+    present = int((counts > 0).sum())
+    return (1.0 / (counts[domains] * present)).detach()  # (N,)
+
+
+class PairwiseDomainLoss(nn.Module):
+    """A two-domain statistic (CORAL or MMD) averaged over every pair of domains in the batch.
+
+    Domain generalisation by moment matching across sources (e.g. Deep CORAL
+    between every pair of source domains):
+
+        L = 2 / (K (K - 1)) sum_{a < b} L_pair(f_a, f_b)
+
+    Pairs where either domain has fewer than ``min_rows`` rows in the batch are
+    skipped (a covariance needs two rows).
+
+    Args:
+        pair_loss: a module mapping (f_a, f_b) to a :class:`DomainLossOutput`: :class:`CORALLoss`
+            or :class:`MultipleKernelMMD`.
+        num_domains: K.
+        min_rows: fewest rows of a domain for its pairs to count.
+
+    Shapes of ``forward``:
+        features: (N, D); domains: (N,) int in 0..K-1 -> :class:`DomainLossOutput` (``discrepancy`` = L).
+
+    Example:
+        >>> loss = PairwiseDomainLoss(CORALLoss(), 3)
+        >>> float(loss(torch.randn(30, 4), torch.arange(30) % 3).loss) >= 0
+        True
+    """
+
+    def __init__(self, pair_loss: nn.Module, num_domains: int, min_rows: int = 2) -> None:
+        super().__init__()
+        if num_domains < 2:
+            raise ValueError(f"Pairwise domain losses need at least 2 domains, got {num_domains}.")
+        self.pair_loss = pair_loss
+        self.num_domains = num_domains
+        self.min_rows = min_rows
+
+    def forward(self, features: torch.Tensor, domains: torch.Tensor, lambda_: float | None = None) -> DomainLossOutput:
+        groups = [features[domains == k] for k in range(self.num_domains)]  # each (N_k, D)
+        terms = [self.pair_loss(groups[a], groups[b]).loss
+                 for a in range(self.num_domains) for b in range(a + 1, self.num_domains)
+                 if groups[a].shape[0] >= self.min_rows and groups[b].shape[0] >= self.min_rows]
+        loss = torch.stack(terms).mean() if terms else features.sum() * 0.0  # keeps every parameter in the graph
+        return DomainLossOutput(loss=loss, discrepancy=loss.detach())
