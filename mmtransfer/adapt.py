@@ -219,6 +219,9 @@ class ReweightConfig:
     model_dir: str | None = None
     # Reduce the standardised features to this many principal components (None: keep all).
     pca_dim: int | None = 64
+    # Flatten the ratio to ratio ** power before clipping (adaptive importance weighting):
+    # 1 the full ratio, 0 no weighting; in between trades bias for variance.
+    power: float = 1.0
     # Weights are normalised to mean 1 and clipped at this value, then renormalised
     # (None: no clipping).
     clip_max: float | None = 10.0
@@ -313,6 +316,8 @@ def check_config(cfg: AdaptConfig) -> None:
             raise ConfigError(f"reweight.clip_max must be above 1 (weights have mean 1), got {r.clip_max}; or null for no clipping.")
         if r.features == "model" and not r.model_dir:
             raise ConfigError("reweight.features=model needs reweight.model_dir: a saved model folder (e.g. runs/<run>/model).")
+        if not 0.0 <= r.power <= 1.0:
+            raise ConfigError(f"reweight.power must lie in [0, 1] (1: the full ratio, 0: no weighting), got {r.power}.")
         if r.folds < 2:
             raise ConfigError(f"reweight.folds must be at least 2 (cross-fitting), got {r.folds}.")
     if cfg.data.in_memory and cfg.data.augment.enabled and cfg.task == "classify":
@@ -1377,7 +1382,7 @@ def importance_weights(cfg: AdaptConfig, source: Any, target: Any, progress: boo
         options: dict[str, Any] = {"l2_grid": list(r.l2_grid), "folds": r.folds, "calibrate": r.calibrate, "pca_dim": r.pca_dim}
     else:
         options = {"bandwidth_scale": r.kmm_bandwidth_scale, "bound": r.kmm_bound, "iterations": r.kmm_iterations, "pca_dim": r.pca_dim}
-    iw = estimate_importance_weights(f_s, f_t, r.method, r.clip_max, seed=cfg.train.seed, **options)
+    iw = estimate_importance_weights(f_s, f_t, r.method, r.clip_max, r.power, seed=cfg.train.seed, **options)
     iw.info.update({"features": r.features, "source_rows": int(f_s.shape[0]), "target_rows": int(f_t.shape[0]),
                     "seconds": round(time.perf_counter() - started, 1)})
     return iw

@@ -345,15 +345,19 @@ def estimate_importance_weights(
     f_t: torch.Tensor,
     method: str = "classifier",
     clip_max: float | None = 10.0,
+    power: float = 1.0,
     seed: int = 0,
     **options: Any,
 ) -> ImportanceWeights:
-    """Source importance weights from features: the ratio by ``method``, then clipped and normalised to mean 1.
+    """Source importance weights from features: the ratio by ``method``, flattened, then clipped and normalised to mean 1.
 
     Args:
         f_s, f_t: (N_s, D) source and (N_t, D) target features.
         method: "classifier" (:func:`classifier_density_ratio`) or "kmm" (:func:`kmm_density_ratio`).
         clip_max: largest weight after normalising to mean 1 (None: no clipping).
+        power: flattening exponent gamma in [0, 1]: the weights are ratio ** gamma (adaptive
+            importance weighting, Shimodaira 2000 / Sugiyama et al. 2007): 1 is the full
+            ratio, 0 no weighting; in between trades bias for variance.
         **options: passed to the estimator.
 
     Example:
@@ -367,7 +371,10 @@ def estimate_importance_weights(
         ratio, info = kmm_density_ratio(f_s, f_t, seed=seed, **options)
     else:
         raise ValueError(f"Unknown density-ratio method '{method}'; use 'classifier' or 'kmm'.")
-    return ImportanceWeights(clip_and_normalise(ratio, clip_max), ratio, method, info)
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"The flattening power must lie in [0, 1], got {power}.")
+    info["power"] = power
+    return ImportanceWeights(clip_and_normalise(ratio.double().pow(power), clip_max), ratio, method, info)
 
 
 def plot_weights(weights: ImportanceWeights, path: str | Path, labels: torch.Tensor | None = None,
