@@ -1483,7 +1483,7 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     result = trainer.fit()
     after = points()
     summary: dict[str, Any] = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
-                               "steps": result.step, "method": cfg.method.name, "task": cfg.task,
+                               "steps": result.step, "method": cfg.method.name, "task": cfg.task, "sources": sources.names,
                                "metrics": {k.split("/", 1)[-1]: v for k, v in result.metrics.items()}}
     if reweight is not None:
         summary["reweight"] = reweight

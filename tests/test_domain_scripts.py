@@ -44,3 +44,51 @@ def test_fast_dev_run_emoji(tmp_path, run_script):
     assert summary["steps"] == 2 and {"source_acc", "target_acc"} <= set(summary["metrics"])
     assert (run / "embeddings.png").is_file()
     assert (run / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fast_dev_run_weighted_digits(tmp_path, run_script):
+    run = tmp_path / "run"
+    out = run_script("scripts/domain_adapt.py", "--config", "configs/digits_mnist_usps_dann_weighted.yaml", "--fast-dev-run",
+                     f"train.output_dir={run}").stdout
+    assert "Importance weights" in out and "effective sample size" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["reweight"]["method"] == "classifier" and 0 < summary["reweight"]["ess_fraction"] <= 1
+    assert (run / "source_weights.safetensors").is_file() and (run / "source_weights.png").is_file()
+
+
+@pytest.mark.slow
+def test_fast_dev_run_domain_generalisation_digits(tmp_path, run_script):
+    run = tmp_path / "run"
+    out = run_script("scripts/domain_adapt.py", "--config", "configs/digits_dg_mnist_mnistm_usps_dann.yaml", "--fast-dev-run",
+                     f"train.output_dir={run}").stdout
+    assert "Sources: mnist5k:train + mnist_m:train" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"source_acc", "target_acc"} <= set(summary["metrics"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/domain_acc" in r for r in records)
+
+
+SYMBOLA = "/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf"
+
+
+@pytest.mark.slow
+def test_render_font_then_generalise_to_it(tmp_path, run_script):
+    import os
+
+    if not os.path.isfile(SYMBOLA) or not os.path.isfile("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"):
+        pytest.skip("needs Debian's fonts-symbola and fonts-noto-color-emoji")
+    folder = tmp_path / "symbola"
+    out = run_script("scripts/render_emoji_font.py", SYMBOLA, "--out", str(folder), "--views", "0", "--image-size", "64").stdout
+    assert "emoji drawn" in out and (folder / "metadata.jsonl").is_file()
+    run = tmp_path / "run"
+    out = run_script("scripts/domain_adapt.py", "--config", "configs/emoji_dg_openmoji_noto_symbola_dann.yaml", "--fast-dev-run",
+                     f"data.target_test.name={folder}", f"train.output_dir={run}", f"data.feature_cache_dir={tmp_path / 'features'}").stdout
+    assert "zero-shot top-1" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"source_acc", "target_acc"} <= set(summary["metrics"])
+
+
+def test_render_script_missing_font_is_one_line(tmp_path, run_script):
+    proc = run_script("scripts/render_emoji_font.py", str(tmp_path / "none.ttf"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
