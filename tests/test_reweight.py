@@ -289,3 +289,20 @@ def test_reweight_config_errors_are_explained():
     cfg.reweight.features = "model"
     with pytest.raises(ConfigError, match="model_dir"):
         check_config(cfg)
+
+
+def test_ratio_features_from_pixels_and_from_a_saved_classifier(tmp_path):
+    from mmtransfer import data
+    from mmtransfer.adapt import ratio_features
+
+    ds = data.load(str(_class_folder(tmp_path / "imgs", 0.0, n=3)))
+    cfg = AdaptConfig()
+    cfg.reweight.pixel_size = 8
+    assert ratio_features(cfg, ds).shape == (6, 3 * 8 * 8)
+    clf = ImageClassifier(ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=8), 2)
+    clf.save_pretrained(tmp_path / "clf")
+    cfg.reweight.features, cfg.reweight.model_dir = "model", str(tmp_path / "clf")
+    assert ratio_features(cfg, ds).shape == (6, 8)  # the bottleneck
+    cfg.reweight.model_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a saved classifier"):
+        ratio_features(cfg, ds)
