@@ -1466,6 +1466,8 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     trainer = Trainer(built.task, built.train_loader, cfg.train, cfg.optim, evaluate=built.evaluate,
                       eval_loaders=built.eval_loaders, run_config=cfg, export=built.export,
                       summary_extra=summary_extra, accelerator=accelerator)
+    if sources.weight is not None and "tensorboard" in cfg.train.trackers and not cfg.train.fast_dev_run and accelerator.is_main_process:
+        accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("reweight/source_weights", sources.weight, 0)
     plot_needed = cfg.plot.enabled and "target" in trainer.eval_loaders
 
     def points() -> dict[str, Any] | None:
