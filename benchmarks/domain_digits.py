@@ -52,14 +52,12 @@ EMOJI = [
 REWEIGHT = [
     ("digits_mnist_usps_source_only", None),
     ("digits_mnist_usps_source_only_weighted", "digits_mnist_usps_source_only"),
-    ("digits_mnist_usps_source_only_weighted", "digits_mnist_usps_source_only", ["reweight.power=0.5"], "digits_mnist_usps_source_only_weighted_power0.5"),
     ("digits_mnist_usps_dann", "digits_mnist_usps_source_only"),
     ("digits_mnist_usps_dann_weighted", "digits_mnist_usps_source_only"),
 ]
 DG_DIGITS = [
     ("digits_dg_mnist_mnistm_usps_pooled", None),
     ("digits_dg_mnist_mnistm_usps_dann", "digits_dg_mnist_mnistm_usps_pooled"),
-    ("digits_dg_mnist_mnistm_usps_coral", "digits_dg_mnist_mnistm_usps_pooled"),
 ]
 DG_EMOJI = [
     ("emoji_dg_openmoji_noto_symbola_pooled", None),
