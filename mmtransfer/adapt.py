@@ -1124,6 +1124,7 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
     target = None
     if in_memory:
         started = time.perf_counter()
+        # (N, 3, S, S): every source's images, in pooled-row order
         pixels: dict[str, torch.Tensor] = {"source": torch.cat([preprocess_all(p, pre, progress=progress) for p in sources.parts])}
         for name, ds in ([("target", sets["target"])] if "target" in sets else []) + [(f"eval/{k}", v) for k, v in evals.items()]:
             pixels[name] = preprocess_all(ds, pre, progress=progress)
@@ -1262,8 +1263,8 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
                                              cache_dir=feature_dir, data_key=f"{ds._fingerprint}", progress=progress)
             pieces = [feats.pop(f"source/{i}") for i in range(len(parts))]
             feats["source"] = pieces[0] if len(pieces) == 1 else CachedFeatures(
-                pooled=torch.cat([f.pooled for f in pieces]),
-                tokens=torch.cat([f.tokens for f in pieces]) if keep_tokens else None)
+                pooled=torch.cat([f.pooled for f in pieces]),  # (N, Di) in pooled-row order
+                tokens=torch.cat([f.tokens for f in pieces]) if keep_tokens else None)  # (N, P, Di)
     target = None
     if cache:
         src_collate = CachedCaptionCollator(feats["source"], captions, text_cache, text_rows, model.tokenizer,
