@@ -213,10 +213,11 @@ class CachedCaptionCollator:
         text_rows: caption string -> row of ``text_feats`` (with ``text_feats``).
         tokenizer, max_length: tokenise captions when ``text_feats`` is None.
         train: pick captions at random.
+        labels: per image, its class label (added to batches as ``labels``), or None.
 
     Shapes:
         -> image_pooled (B, Di), image_tokens (B, P, Di), input_ids and attention_mask (B, T),
-        and with cached text: text_pooled (B, Dt), text_tokens (B, T, Dt).
+        with cached text: text_pooled (B, Dt), text_tokens (B, T, Dt), with labels: labels (B,).
     """
 
     def __init__(
@@ -229,6 +230,7 @@ class CachedCaptionCollator:
         max_length: int = 64,
         train: bool = False,
         seed: int = 0,
+        labels: Sequence[int] | None = None,
     ) -> None:
         if text_feats is None and tokenizer is None:
             raise ValueError("Give either cached text features or a tokenizer.")
@@ -243,6 +245,7 @@ class CachedCaptionCollator:
         self.max_length = max_length
         self.train = train
         self.rng = random.Random(seed)
+        self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
 
     def _pick(self, caps: list[str]) -> str:
         return caps[self.rng.randrange(len(caps))] if self.train and len(caps) > 1 else caps[0]
@@ -270,6 +273,8 @@ class CachedCaptionCollator:
         idx = torch.as_tensor(positions, dtype=torch.long)  # (B,)
         texts = [self._pick(self.captions[p]) for p in positions]
         batch = {"image_index": idx, **self._images(idx)}
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]  # (B,)
         if self.text_feats is None:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             batch.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # (B, T)

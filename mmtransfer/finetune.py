@@ -219,10 +219,16 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         logger.info("Frozen towers: training on cached features (image%s%s).", " and text" if text_cache else "",
                     f", {copies} augmented cop{'y' if copies == 1 else 'ies'} of the training images" if copies else "")
 
+    if cfg.objective.positives == "label" and "label" not in splits["train"].dataset.column_names:
+        raise ValueError(f"objective.positives=label needs class labels, but the training data ({cfg.data.train.name}) "
+                         "has no 'label' column; use objective.positives=caption.")
+
     def cached_collator(split: _Split, train: bool) -> CachedCaptionCollator:
         feats = [split.image_feats, *split.augmented_feats] if train else split.image_feats
+        labels = split.dataset["label"] if "label" in split.dataset.column_names else None
+        labels = None if labels is None or None in labels else labels
         return CachedCaptionCollator(feats, split.captions, text_cache, text_rows,
-                                     model.tokenizer, max_length, train=train, seed=cfg.train.seed)
+                                     model.tokenizer, max_length, train=train, seed=cfg.train.seed, labels=labels)
 
     train_split = splits["train"]
     if cache:

@@ -7,7 +7,7 @@ reads tower features from the batch when they were cached, or computes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,11 @@ class CaptionObjectiveConfig:
     contrastive_weight: float = 1.0
     # Image-text matching through the fusion layer with hard negatives (0 disables fusion training).
     itm_weight: float = 1.0
+    # Which pairs of a batch count as positives of each other besides each image and its own
+    # caption: "caption" = pairs with the same caption text; "label" = pairs whose images have
+    # the same class label (for sets that caption a class several ways, e.g. glyphs: "seven",
+    # "the digit 7"; needs a label column in the training data).
+    positives: Literal["caption", "label"] = "caption"
 
 
 class CaptionTask(nn.Module):
@@ -76,6 +81,15 @@ class CaptionTask(nn.Module):
             return TextEncoderOutput(tokens=batch.get("text_tokens"), attention_mask=batch["attention_mask"], pooled=batch["text_pooled"])
         return self.model.text_encoder(batch["input_ids"], batch["attention_mask"])
 
+    def positive_groups(self, batch: dict[str, Any]) -> torch.Tensor:
+        """An id per row; rows with the same id are positives of each other. Shapes: -> (B,)"""
+        if self.config.positives == "label":
+            if "labels" not in batch:
+                raise ValueError("objective.positives=label needs class labels in the training batches: "
+                                 "the training data has no integer 'label' column.")
+            return batch["labels"]
+        return caption_groups(batch["input_ids"], batch["attention_mask"])
+
     def forward(self, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
         model = self.model
         img = self.image_features(batch)
@@ -83,7 +97,7 @@ class CaptionTask(nn.Module):
         zi = model.project_image(img.pooled)  # (B, E)
         zt = model.project_text(txt.pooled)  # (B, E)
         scale = model.get_logit_scale()
-        groups = caption_groups(batch["input_ids"], batch["attention_mask"])  # (B,)
+        groups = self.positive_groups(batch)  # (B,)
         con = self.contrastive(zi, zt, scale, groups)
         loss = self.config.contrastive_weight * con.loss
         metrics: dict[str, torch.Tensor | float] = {
