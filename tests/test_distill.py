@@ -28,31 +28,16 @@ from mmtransfer.losses.distill import EmbeddingDistillLoss, KDLoss
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.models.preprocess import PreprocessConfig
 from mmtransfer.train import StepInfo
+from test_domain import _batch  # source (B, 3, 16, 16) with labels in 0..2, target shifted by +1
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-TINY_LENET = LeNetConfig(channels=[4, 8], image_size=16)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 def _classifier(channels=(4, 8), bottleneck=16, names=None, seed=0) -> ImageClassifier:
     torch.manual_seed(seed)
     cfg = ClassifierConfig(lenet=LeNetConfig(channels=list(channels), image_size=16), bottleneck_dim=bottleneck, dropout=0.0)
     return ImageClassifier(cfg, num_classes=3, class_names=names or ["a", "b", "c"])
-
-
-def _batch(B: int = 8, size: int = 16, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"source": {"pixel_values": torch.randn(B, 3, size, size, generator=g), "labels": torch.randint(0, 3, (B,), generator=g)},
-            "target": {"pixel_values": torch.randn(B, 3, size, size, generator=g) + 1.0}}
 
 
 # ----------------------------------------------------------------------------- losses
