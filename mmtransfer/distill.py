@@ -377,12 +377,15 @@ def _set_image_size(model: Any, size: int) -> None:
 
 def _copy_text_side(student: Any, teacher: Any) -> None:
     """The teacher's text tower, text projection and temperature, copied into the student and frozen."""
-    if student.config.text != teacher.config.text or student.config.embed_dim != teacher.config.embed_dim \
-            or student.config.projection != teacher.config.projection:
-        raise ConfigError("distill.copy_teacher_text needs the student's text tower, embed_dim and projection to be the teacher's; "
-                          "match multimodal.model.text/embed_dim/projection to the teacher or set distill.copy_teacher_text=false.")
+    how = "match multimodal.model's text tower and projections to the teacher's, or set distill.copy_teacher_text=false"
+    if student.config.text != teacher.config.text or student.config.embed_dim != teacher.config.embed_dim:
+        raise ConfigError(f"distill.copy_teacher_text needs the student's text tower and embed_dim to be the teacher's: {how}.")
     for name in ("text_encoder", "text_projection"):
-        getattr(student, name).load_state_dict(getattr(teacher, name).state_dict())
+        try:
+            getattr(student, name).load_state_dict(getattr(teacher, name).state_dict())
+        except RuntimeError:
+            raise ConfigError(f"distill.copy_teacher_text: the student's {name.replace('_', ' ')} is built differently from "
+                              f"the teacher's: {how}.") from None
         getattr(student, name).requires_grad_(False)
     with torch.no_grad():
         student.logit_scale.copy_(teacher.logit_scale)
