@@ -754,6 +754,10 @@ def _load_points(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- building
 
 
+# Builds the task around a freshly built model: (model, accelerator) -> task.
+TaskFactory = Callable[[nn.Module, Any], nn.Module]
+
+
 @dataclass
 class _Built:
     """What the two tasks hand to the trainer."""
@@ -801,7 +805,7 @@ def _eval_sets(cfg: AdaptConfig, sets: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) -> _Built:
+def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], make_task: TaskFactory | None = None) -> _Built:
     from .data.collate import LabelCollator, PairedLoader, make_loader
 
     names = _class_names(sets["source"], "source")
@@ -814,7 +818,7 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) ->
                     "classes in the same order (set class_names on the data sections)."
                 )
     model = ImageClassifier(cfg.classifier, len(names), names)
-    task = ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed)
+    task = make_task(model, accelerator) if make_task else ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed)
     pre = model.preprocessor
     bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
     evals = _eval_sets(cfg, sets)
@@ -856,7 +860,7 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) ->
     return _Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
 
 
-def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) -> _Built:
+def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], make_task: TaskFactory | None = None) -> _Built:
     import mmtransfer
 
     from .data.collate import CaptionCollator, ImageCollator, PairedLoader, make_loader
@@ -871,7 +875,7 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any]) 
         model.freeze("text", mm.freeze.text_keep_last)
     if mm.freeze.image:
         model.freeze("image", mm.freeze.image_keep_last)
-    task = MultimodalAdaptTask(model, cfg.method, seed=cfg.train.seed)
+    task = make_task(model, accelerator) if make_task else MultimodalAdaptTask(model, cfg.method, seed=cfg.train.seed)
     if "captions" not in sets["source"].column_names:
         raise ConfigError("task=multimodal trains on source captions, but data.source has no 'captions' column.")
     source_ds = with_row_ids(sets["source"])
@@ -968,8 +972,12 @@ class _MappedLabels:
 # ----------------------------------------------------------------------------- the recipe
 
 
-def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
-    """Train and evaluate per ``cfg``; returns the summary (also in the run folder's summary.json)."""
+def run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: TaskFactory | None = None) -> dict[str, Any]:
+    """Train and evaluate per ``cfg``; returns the summary (also in the run folder's summary.json).
+
+    ``make_task(model, accelerator)`` replaces the adaptation task built around the new
+    model (distillation passes its own, see :mod:`mmtransfer.distill`).
+    """
     from .train import Trainer, make_accelerator
 
     if fast_dev_run:
@@ -978,7 +986,7 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
     accelerator = make_accelerator(cfg.train)
     sets, reports = _load_sets(cfg, accelerator)
-    built = (_build_classify if cfg.task == "classify" else _build_multimodal)(cfg, accelerator, sets)
+    built = (_build_classify if cfg.task == "classify" else _build_multimodal)(cfg, accelerator, sets, make_task)
     if accelerator.is_main_process:
         n_train = sum(p.numel() for p in built.task.parameters() if p.requires_grad)
         logger.info("Task %s, method %s: %s trainable parameters.", cfg.task, cfg.method.name, f"{n_train:,}")
