@@ -42,13 +42,14 @@ EMOJI = [
 ]
 
 
-def run_one(recipe: str, seed: int, out: Path, baseline: str | None, threads: int | None, extra: list[str], force: bool) -> dict:
+def run_one(recipe: str, seed: int, out: Path, baseline: str | None, threads: int | None, extra: list[str], force: bool,
+            script: str = "domain_adapt.py") -> dict:
     run_dir = out / recipe / f"seed{seed}"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and not force:
         print(f"  reuse {run_dir}", flush=True)
         return json.loads(summary_path.read_text())
-    cmd = [sys.executable, str(ROOT / "scripts" / "domain_adapt.py"), "--config", str(ROOT / "configs" / f"{recipe}.yaml"),
+    cmd = [sys.executable, str(ROOT / "scripts" / script), "--config", str(ROOT / "configs" / f"{recipe}.yaml"),
            f"train.seed={seed}", f"train.output_dir={run_dir}", "train.progress_bar=false", "train.resume=null"]
     before = out / baseline / f"seed{seed}" / "embeddings_final.npz" if baseline else None
     if before is not None and before.is_file():

@@ -1,0 +1,80 @@
+"""Multi-task benchmark: joint captions + labels against each single task, over several seeds.
+
+Runs ``scripts/finetune_captions.py --config configs/multitask_openmoji.yaml`` once per
+(variant, seed), one process at a time (through the domain benchmark's runner, so
+finished runs are reused and an interrupted benchmark continues), and prints every
+variant's caption and label metrics as mean +- std over the seeds:
+
+- caption retrieval, test i2t / t2i R@1 on held-out views (1,531 seen classes);
+- labels, test top-1 / top-5 over the 1,531 seen classes: by the label head where one
+  trains, and by the class names (nearest name embedding) in every run;
+- zero-shot top-1 / top-5 over the 383 unseen class names.
+
+Examples:
+  python benchmarks/multitask_openmoji.py --threads 1                       # every variant, seeds 0 1 2
+  python benchmarks/multitask_openmoji.py --variants joint joint_uncertainty --seeds 0
+  python benchmarks/multitask_openmoji.py --threads 1 train.max_steps=500   # overrides go to every run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from domain_digits import _stat, run_one  # noqa: E402
+
+RECIPE = "multitask_openmoji"
+# variant -> overrides of the recipe (same steps, same 64 images per step)
+VARIANTS = {
+    "captions": ["tasks.labels.enabled=false"],
+    "labels": ["tasks.captions.enabled=false"],
+    "joint": [],
+    "joint_uncertainty": ["tasks.weighting=uncertainty"],
+}
+COLUMNS = [("i2t R@1", "captions/i2t_R@1"), ("t2i R@1", "captions/t2i_R@1"), ("head top-1", "labels/top1"),
+           ("head top-5", "labels/top5"), ("names top-1", "labels/names_top1"), ("names top-5", "labels/names_top5"),
+           ("unseen top-1", "zero_shot/top1"), ("unseen top-5", "zero_shot/top5")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_multitask"), help="folder of the runs")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
+    parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    rows = []
+    for variant in args.variants:
+        results = []
+        for seed in args.seeds:
+            print(f"{variant} seed {seed}", flush=True)
+            s = run_one(RECIPE, seed, out / variant, None, args.threads, VARIANTS[variant] + args.overrides, args.force,
+                        script="finetune_captions.py")
+            m = s["test_metrics"]
+            results.append({"seed": seed, **m, "minutes": s.get("minutes_total"), "log_vars": s.get("final_log_vars")})
+            print("  " + "  ".join(f"{name} {m[key]:.1f}" for name, key in COLUMNS if key in m) + f"  {s.get('minutes_total')} min", flush=True)
+        rows.append((variant, results))
+
+    header = "| variant | " + " | ".join(name for name, _ in COLUMNS) + " | minutes per run |"
+    lines = [header, "|---|" + "---:|" * (len(COLUMNS) + 1)]
+    for variant, results in rows:
+        cols = [_stat([r[key] for r in results if key in r]) for _, key in COLUMNS]
+        lines.append(f"| {variant} | " + " | ".join(cols) + f" | {_stat([r['minutes'] for r in results if r.get('minutes')])} |")
+    table = "\n".join(lines)
+    print(f"\nTest metrics in %, mean ± std over seeds {args.seeds}:\n\n{table}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({v: r for v, r in rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
