@@ -113,9 +113,14 @@ def main() -> None:
         lines.append(f"| {recipe} | {col('target_acc')} | {col('source_acc')} | {col('domain_acc')} | {col('minutes')} |")
     table = "\n".join(lines)
     print(f"\nMean ± std over seeds {args.seeds}:\n\n{table}")
+    save_results(out, table, {r: res for r, res in rows})
+
+
+def save_results(out: Path, table: str, results: dict) -> None:
+    """Write the markdown table (results.md) and every run's numbers (results.json) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({r: res for r, res in rows}, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
