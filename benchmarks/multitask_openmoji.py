@@ -6,8 +6,8 @@ finished runs are reused and an interrupted benchmark continues), and prints eve
 variant's caption and label metrics as mean +- std over the seeds:
 
 - caption retrieval, test i2t / t2i R@1 on held-out views (1,531 seen classes);
-- labels, test top-1 / top-5 over the 1,531 seen classes by the label head (where one trains;
-  every run also records them by class names, the nearest name embedding, in results.json);
+- labels, test top-1 / top-5 over the 1,531 seen classes: by the label head where one
+  trains, and by the class names (nearest name embedding) in every run;
 - zero-shot top-1 / top-5 over the 383 unseen class names.
 
 Examples:
@@ -37,10 +37,12 @@ VARIANTS = {
     # twice the images per step: each task gets the full 64 of the single-task runs
     "joint_full": ["train.batch_size=128"],
 }
-# (The class-name metrics, labels/names_top1 and _top5, are in results.json; with the recipe's plain "{}"
-# template and one caption per test image, which is the class name, they equal i2t R@1 and R@5.)
+# Label metrics by the head, and by class names (nearest name embedding; the only label metric of a
+# run without a head). With the recipe's plain "{}" template and one caption per test image, which is
+# its class name, names top-1/top-5 equal i2t R@1/R@5.
 COLUMNS = [("i2t R@1", "captions/i2t_R@1"), ("t2i R@1", "captions/t2i_R@1"), ("head top-1", "labels/top1"),
-           ("head top-5", "labels/top5"), ("unseen top-1", "zero_shot/top1"), ("unseen top-5", "zero_shot/top5")]
+           ("head top-5", "labels/top5"), ("names top-1", "labels/names_top1"), ("names top-5", "labels/names_top5"),
+           ("unseen top-1", "zero_shot/top1"), ("unseen top-5", "zero_shot/top5")]
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -735,6 +736,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
     method = _check(cfg)
     if fast_dev_run:
         _fast_dev(cfg)
+    started = time.perf_counter()
     accelerator = make_accelerator(cfg.train)
     model = build_model(cfg)
     seed = cfg.train.seed
@@ -898,10 +900,12 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
                "steps": result.step, "tasks": enabled, "batch_shares": sizes, "weighting": t.weighting,
                "log_vars": final_weights, "validation": result.metrics, "test": test_metrics}
     write_test_metrics(accelerator, result.run_dir, test_metrics)
-    if accelerator.is_main_process and final_weights:
+    if accelerator.is_main_process:
         path = result.run_dir / "summary.json"
         data = json.loads(path.read_text())
-        data["final_log_vars"] = final_weights
+        data["minutes_total"] = round((time.perf_counter() - started) / 60, 2)
+        if final_weights:
+            data["final_log_vars"] = final_weights
         path.write_text(json.dumps(data, indent=2))
     return summary
 

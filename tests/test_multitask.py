@@ -284,3 +284,39 @@ def test_fast_dev_run_of_the_multitask_recipe(tmp_path, run_script):
     assert any("train/captions/contrastive" in r and "train/labels/ce" in r for r in records)
     assert any("val/labels/top1" in r for r in records)
     assert load_classifier(run / "model").predict
+
+
+def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_path, tiny_model):
+    """Two data sets of different kinds (captions in metadata.jsonl, labels from class sub-folders), read as
+    images every step (the image tower trains, so nothing is cached), mixed 2:1, uncertainty weights."""
+    from data_helpers import save_image, write_jsonl
+
+    from mmtransfer.config import load_config
+    from mmtransfer.finetune import FinetuneConfig, run
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+    rows = []
+    for i in range(16):
+        name = list(colours)[i % 4]
+        save_image(tmp_path / "captions" / f"{i}.png", color=colours[name], size=(32, 32))
+        save_image(tmp_path / "labels" / name / f"{i}.png", color=colours[name], size=(32, 32))
+        rows.append({"file_name": f"{i}.png", "text": f"a {name} square"})
+    write_jsonl(tmp_path / "captions" / "metadata.jsonl", rows)
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    caps, labs = str(tmp_path / "captions"), str(tmp_path / "labels")
+    cfg = load_config(FinetuneConfig, None, [
+        f"init_from={tmp_path / 'tiny'}", "freeze.text=true", "freeze.image=false", "objective.itm_weight=0",
+        f"data.train.name={caps}", f"data.validation.name={caps}", "data.test=null",
+        "tasks.captions.share=2", "tasks.labels.enabled=true", f"tasks.labels.train.name={labs}",
+        f"tasks.labels.validation.name={labs}", f"tasks.labels.test.name={labs}", "tasks.weighting=uncertainty",
+        f"tasks.zero_shot.name={labs}", "train.max_steps=3", "train.batch_size=6", "train.trackers=[]",
+        "train.progress_bar=false", f"train.output_dir={tmp_path / 'run'}", f"data.feature_cache_dir={tmp_path / 'features'}",
+    ])
+    summary = run(cfg)
+    assert summary["batch_shares"] == {"captions": 4, "labels": 2}
+    assert summary["steps"] == 3 and summary["tasks"] == ["captions", "labels"]
+    assert {"labels/top1", "labels/names_top1", "zero_shot/top1"} <= set(summary["test"])
+    assert {"val/captions/i2t_R@1", "val/labels/top1"} <= set(summary["validation"])
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["feature_cache"] is False and set(written["final_log_vars"]) == {"captions", "labels"}
+    assert load_classifier(tmp_path / "run" / "model").class_names == sorted(colours)
