@@ -36,6 +36,9 @@ VARIANTS = {
     "joint_uncertainty": ["tasks.weighting=uncertainty"],
     # twice the images per step: each task gets the full 64 of the single-task runs
     "joint_full": ["train.batch_size=128"],
+    # a randomly initialised head: the label task no longer starts from the class names' text embeddings
+    "labels_random_head": ["tasks.captions.enabled=false", "tasks.labels.head_init=random"],
+    "joint_random_head": ["tasks.labels.head_init=random"],
 }
 # Label metrics by the head, and by class names (nearest name embedding; the only label metric of a
 # run without a head). With the recipe's plain "{}" template and one caption per test image, which is
