@@ -78,15 +78,20 @@ def _stat(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def runner_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options every seed benchmark takes: --seeds, --out, --threads, --force and overrides."""
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default=str(out), help="folder of the runs")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
+    parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", help="recipe names from configs/ (default: the digit recipes)")
     parser.add_argument("--emoji", action="store_true", help="also run the OpenMoji -> Noto recipes")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_domain"), help="folder of the runs")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
-    parser.add_argument("--force", action="store_true", help="rerun finished runs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+    runner_arguments(parser, ROOT / "runs" / "bench_domain")
     args = parser.parse_args()
 
     pairs = DIGITS + (EMOJI if args.emoji else [])

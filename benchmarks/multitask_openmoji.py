@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from domain_digits import _stat, run_one, save_results  # noqa: E402
+from domain_digits import _stat, run_one, runner_arguments, save_results  # noqa: E402
 
 RECIPE = "multitask_openmoji"
 # variant -> overrides of the recipe (all 2,000 steps; 64 images a step unless noted)
@@ -51,11 +51,7 @@ COLUMNS = [("i2t R@1", "captions/i2t_R@1"), ("t2i R@1", "captions/t2i_R@1"), ("h
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_multitask"), help="folder of the runs")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
-    parser.add_argument("--force", action="store_true", help="rerun finished runs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+    runner_arguments(parser, ROOT / "runs" / "bench_multitask")
     args = parser.parse_args()
 
     out = Path(args.out)
