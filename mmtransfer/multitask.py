@@ -34,6 +34,7 @@ from torch import nn
 
 from .config import ConfigError
 from .data.config import DataConfig
+from .train import StepInfo, TaskOutput
 
 logger = logging.getLogger(__name__)
 
@@ -322,9 +323,8 @@ class MultiTask(nn.Module):
     def names(self) -> list[str]:
         return [k for k in TASKS if getattr(self, k) is not None]
 
-    def forward(self, batch: dict[str, Any], info: Any) -> Any:
+    def forward(self, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
         from .objectives import image_features
-        from .train import TaskOutput
 
         model = self.model
         batch = {k: _with_image_features(model, b) for k, b in batch.items()}
