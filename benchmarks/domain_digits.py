@@ -78,15 +78,20 @@ def _stat(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def runner_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options every seed benchmark takes: --seeds, --out, --threads, --force and overrides."""
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default=str(out), help="folder of the runs")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
+    parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", help="recipe names from configs/ (default: the digit recipes)")
     parser.add_argument("--emoji", action="store_true", help="also run the OpenMoji -> Noto recipes")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_domain"), help="folder of the runs")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
-    parser.add_argument("--force", action="store_true", help="rerun finished runs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+    runner_arguments(parser, ROOT / "runs" / "bench_domain")
     args = parser.parse_args()
 
     pairs = DIGITS + (EMOJI if args.emoji else [])
@@ -113,9 +118,14 @@ def main() -> None:
         lines.append(f"| {recipe} | {col('target_acc')} | {col('source_acc')} | {col('domain_acc')} | {col('minutes')} |")
     table = "\n".join(lines)
     print(f"\nMean ± std over seeds {args.seeds}:\n\n{table}")
+    save_results(out, table, {r: res for r, res in rows})
+
+
+def save_results(out: Path, table: str, results: dict) -> None:
+    """Write the markdown table (results.md) and every run's numbers (results.json) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({r: res for r, res in rows}, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

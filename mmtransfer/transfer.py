@@ -85,7 +85,7 @@ class LinearHead(nn.Module):
     @classmethod
     def from_text(cls, model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None) -> "LinearHead":
         """Rows = class-name embeddings, scale = the model's logit scale: the zero-shot classifier as a trainable head."""
-        return cls(class_embeddings(model, class_names, templates), scale=float(model.get_logit_scale()))  # (C, E)
+        return cls(class_embeddings(model, class_names, templates), scale=float(model.get_logit_scale().detach()))  # (C, E)
 
     @classmethod
     def random(cls, num_classes: int, dim: int, seed: int = 0, scale: float = 1.0) -> "LinearHead":

@@ -259,14 +259,14 @@ def test_rerank_recall_uses_the_pair_scorer():
 
 
 def test_label_positives_group_images_of_a_class_captioned_differently(tiny_model):
-    from mmtransfer.objectives import CaptionObjectiveConfig, CaptionTask
+    from mmtransfer.objectives import CaptionObjective, CaptionObjectiveConfig
 
     texts = ["seven", "the digit 7", "eight", "seven"]
     tok = tiny_model.tokenize(texts)
     batch = {**tok, "labels": torch.tensor([7, 7, 8, 7])}
-    by_caption = CaptionTask(tiny_model, CaptionObjectiveConfig()).positive_groups(batch)
-    by_label = CaptionTask(tiny_model, CaptionObjectiveConfig(positives="label")).positive_groups(batch)
+    by_caption = CaptionObjective(CaptionObjectiveConfig(), use_itm=False).positive_groups(batch)
+    by_label = CaptionObjective(CaptionObjectiveConfig(positives="label"), use_itm=False).positive_groups(batch)
     assert by_caption[0] == by_caption[3] and by_caption[0] != by_caption[1]
     assert torch.equal(by_label, batch["labels"])
     with pytest.raises(ValueError, match="positives=label"):
-        CaptionTask(tiny_model, CaptionObjectiveConfig(positives="label")).positive_groups(tok)
+        CaptionObjective(CaptionObjectiveConfig(positives="label"), use_itm=False).positive_groups(tok)
