@@ -81,13 +81,13 @@ def ensure_symbola() -> None:
 
 
 def run_one(recipe: str, seed: int, out: Path, baseline: str | None, threads: int | None, extra: list[str], force: bool,
-            name: str | None = None) -> dict:
+            name: str | None = None, script: str = "domain_adapt.py") -> dict:
     run_dir = out / (name or recipe) / f"seed{seed}"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and not force:
         print(f"  reuse {run_dir}", flush=True)
         return json.loads(summary_path.read_text())
-    cmd = [sys.executable, str(ROOT / "scripts" / "domain_adapt.py"), "--config", str(ROOT / "configs" / f"{recipe}.yaml"),
+    cmd = [sys.executable, str(ROOT / "scripts" / script), "--config", str(ROOT / "configs" / f"{recipe}.yaml"),
            f"train.seed={seed}", f"train.output_dir={run_dir}", "train.progress_bar=false", "train.resume=null"]
     before = out / baseline / f"seed{seed}" / "embeddings_final.npz" if baseline else None
     if before is not None and before.is_file():
@@ -116,16 +116,21 @@ def _stat(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def runner_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options every seed benchmark takes: --seeds, --out, --threads, --force and overrides."""
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default=str(out), help="folder of the runs")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
+    parser.add_argument("--force", action="store_true", help="rerun finished runs")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="adapt", help="which table to make (default: adapt)")
     parser.add_argument("--recipes", nargs="*", help="recipe names from configs/ (default: the suite's recipes)")
     parser.add_argument("--emoji", action="store_true", help="also run the OpenMoji -> Noto recipes")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench_domain"), help="folder of the runs")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads per run (default: torch's choice)")
-    parser.add_argument("--force", action="store_true", help="rerun finished runs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides passed to every run")
+    runner_arguments(parser, ROOT / "runs" / "bench_domain")
     args = parser.parse_args()
 
     entries = [tuple(e) + (None,) * (4 - len(e)) for e in SUITES[args.suite] + (EMOJI if args.emoji else [])]
@@ -157,10 +162,15 @@ def main() -> None:
         lines.append(f"| {recipe} | {col('target_acc')} | {col('source_acc')} | {col('domain_acc')} | {col('ess_percent')} | {col('minutes')} |")
     table = "\n".join(lines)
     print(f"\nMean ± std over seeds {args.seeds}:\n\n{table}")
-    out.mkdir(parents=True, exist_ok=True)
     name = "results" if args.suite == "adapt" and not args.recipes else f"results-{args.suite if not args.recipes else 'recipes'}"
+    save_results(out, table, {r: res for r, res in rows}, name)
+
+
+def save_results(out: Path, table: str, results: dict, name: str = "results") -> None:
+    """Write the markdown table (<name>.md) and every run's numbers (<name>.json) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(table + "\n")
-    (out / f"{name}.json").write_text(json.dumps({r: res for r, res in rows}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from .config import ConfigError, FusionConfig, ImageEncoderConfig, ModelConfig, 
 from .registry import DEFAULT_PRESET, UnknownModelError, describe_models, list_models
 
 if TYPE_CHECKING:
+    import os
+
+    from .adapt import ImageClassifier
     from .models.multimodal import MultimodalModel
 
 __version__ = "0.1.0"
@@ -67,11 +70,39 @@ def create_model(name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_
     return MultimodalModel.from_config(config, pretrained=pretrained)
 
 
-def load(directory: str, map_location: str = "cpu") -> "MultimodalModel":
-    """Load a model saved with ``save_pretrained`` (alias of ``MultimodalModel.from_pretrained``)."""
-    from .models.multimodal import MultimodalModel
+def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "MultimodalModel | ImageClassifier":
+    """Load a model saved in ``directory``, whichever kind it is.
 
-    return MultimodalModel.from_pretrained(directory, map_location=map_location)
+    A folder with ``config.json`` holds a :class:`MultimodalModel`
+    (``MultimodalModel.save_pretrained``); one with ``classifier.json`` an image
+    classifier (``mmtransfer.adapt.ImageClassifier.save_pretrained``, e.g. the
+    ``model/`` of a ``scripts/domain_adapt.py`` run). Either comes back in eval mode.
+
+    Args:
+        directory: the saved model's folder.
+        map_location: device to put the weights on.
+
+    Example:
+        >>> teacher = mmtransfer.load("runs/digits_mnist_usps_dann/model")   # an ImageClassifier
+        >>> teacher(torch.zeros(1, 3, 28, 28)).logits.shape
+        torch.Size([1, 10])
+    """
+    from pathlib import Path
+
+    folder = Path(directory)
+    if (folder / "config.json").is_file():
+        from .models.multimodal import MultimodalModel
+
+        return MultimodalModel.from_pretrained(folder, map_location=map_location)
+    if (folder / "classifier.json").is_file():
+        from .adapt import ImageClassifier
+
+        return ImageClassifier.from_pretrained(folder).to(map_location)
+    what = "is not a folder" if not folder.is_dir() else "has neither config.json (a multimodal model) nor classifier.json (an image classifier)"
+    raise FileNotFoundError(
+        f"'{folder}' holds no saved mmtransfer model: it {what}. "
+        "Point it at the model/ folder of a run, or save one with model.save_pretrained(folder)."
+    )
 
 
 def __getattr__(name: str) -> Any:

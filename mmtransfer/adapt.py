@@ -921,6 +921,10 @@ def _load_points(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- building
 
 
+# Builds the task around a freshly built model: (model, accelerator) -> task.
+TaskFactory = Callable[[nn.Module, Any], nn.Module]
+
+
 @dataclass
 class _Built:
     """What the two tasks hand to the trainer."""
@@ -1100,7 +1104,8 @@ def _check_loaders(bs: int, **loaders: Any) -> None:
             raise ConfigError(f"The {role} data has fewer images than one batch of {bs}: lower train.batch_size.")
 
 
-def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources) -> _Built:
+def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources,
+                    make_task: TaskFactory | None = None) -> _Built:
     from .data.collate import LabelCollator, PairedLoader, make_loader
     from .features import with_row_ids
 
@@ -1114,7 +1119,8 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
                     "classes in the same order (set class_names on the data sections)."
                 )
     model = ImageClassifier(cfg.classifier, len(names), names)
-    task = ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target="target" in sets)
+    task = (make_task(model, accelerator) if make_task else
+            ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target="target" in sets))
     pre = model.preprocessor
     bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
     evals = _eval_sets(cfg, sets)
@@ -1207,7 +1213,8 @@ def zero_shot_candidates(evals: dict[str, Any]) -> tuple[list[str], dict[str, to
     return candidates, mapped
 
 
-def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources) -> _Built:
+def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources,
+                      make_task: TaskFactory | None = None) -> _Built:
     import mmtransfer
 
     from .data.collate import CaptionCollator, ImageCollator, PairedLoader, make_loader
@@ -1223,7 +1230,8 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
     if mm.freeze.image:
         model.freeze("image", mm.freeze.image_keep_last)
     has_target = "target" in sets
-    task = MultimodalAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target=has_target)
+    task = (make_task(model, accelerator) if make_task else
+            MultimodalAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target=has_target))
     if "captions" not in sets["source"].column_names:
         raise ConfigError("task=multimodal trains on source captions, but data.source has no 'captions' column.")
     source_ds = with_row_ids(sets["source"])
@@ -1446,8 +1454,12 @@ def _source_weights(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
 # ----------------------------------------------------------------------------- the recipe
 
 
-def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
-    """Train and evaluate per ``cfg``; returns the summary (also in the run folder's summary.json)."""
+def run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: TaskFactory | None = None) -> dict[str, Any]:
+    """Train and evaluate per ``cfg``; returns the summary (also in the run folder's summary.json).
+
+    ``make_task(model, accelerator)`` replaces the adaptation task built around the new
+    model (distillation passes its own, see :mod:`mmtransfer.distill`).
+    """
     from .train import Trainer, make_accelerator
 
     if fast_dev_run:
@@ -1457,7 +1469,7 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.train)
     sets, reports, sources = _load_sets(cfg, accelerator)
     reweight = _source_weights(cfg, accelerator, sets, sources)
-    built = (_build_classify if cfg.task == "classify" else _build_multimodal)(cfg, accelerator, sets, sources)
+    built = (_build_classify if cfg.task == "classify" else _build_multimodal)(cfg, accelerator, sets, sources, make_task)
     if accelerator.is_main_process:
         n_train = sum(p.numel() for p in built.task.parameters() if p.requires_grad)
         logger.info("Task %s, method %s: %s trainable parameters.", cfg.task, cfg.method.name, f"{n_train:,}")

@@ -267,7 +267,7 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                 key = f"{init}-init" + (f"/{shots}-shot" if shots else "")
                 for seed in cfg.method.seeds:
                     rows = draws[(shots, seed)] if shots else list(range(len(train[1])))
-                    head = zs_head if init == "text" else LinearHead.random(len(names), zs_head.weight.shape[1], seed)
+                    head = zs_head if init == "text" else LinearHead.random(len(names), zs_head.weight.shape[1], seed, float(zs_head.scale))
                     clf = ImageClassifier(copy.deepcopy(base), copy.deepcopy(head), names)
                     out_dir = run_dir / key.replace("/", "_") / f"seed{seed}"
                     clf = _train_mode(cfg, mode, clf, train_ds, train, rows, seed, out_dir)

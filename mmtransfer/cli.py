@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import re
 import sys
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -21,7 +22,14 @@ T = TypeVar("T")
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """The ``# comment`` lines written above each field in the dataclass source."""
+    """The ``# comment`` lines written above each field in the dataclass source (and its base classes')."""
+    comments: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        comments.update(_own_field_comments(klass))
+    return comments
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -40,21 +48,22 @@ def _field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
-def describe_config(cls: type, prefix: str = "") -> list[str]:
-    """One line per leaf key: ``dotted.key = default  # comment``."""
+def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """One line per leaf key: ``dotted.key = default  # comment`` (``defaults``: the instance whose values to show)."""
     lines: list[str] = []
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)  # X | None; not list[X]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if optional else []
         sub = tp if dataclasses.is_dataclass(tp) else (inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None)
         value = getattr(defaults, f.name)
         if sub is not None and isinstance(sub, type):
             lines.append(f"  [{key}]" + (f"  # {comments[f.name]}" if f.name in comments else "") + ("  (default: none)" if value is None else ""))
-            lines += describe_config(sub, key + ".")
+            lines += describe_config(sub, key + ".", value)
             continue
         comment = f"  # {comments[f.name]}" if f.name in comments else ""
         lines.append(f"  {key} = {value!r}{comment}")

@@ -93,6 +93,17 @@ class ModelConfig:
     embed_dim: int = 256
     # Projection from each tower into the shared space: "linear" or a 2-layer "mlp".
     projection: Literal["linear", "mlp"] = "linear"
+    # The text tower's projection, when it differs from `projection`: "linear", "mlp", or
+    # "none" (the tower's own pooled vector, as a sentence encoder gives it; embed_dim must
+    # equal the tower's width). Keeping a pretrained sentence space as it is lets the image
+    # side learn to meet it, and class names never seen in training stay where the text
+    # tower puts them. None: same as `projection`.
+    text_projection: Literal["linear", "mlp", "none"] | None = None
+    # The image tower's projection, when it differs from `projection` (as text_projection).
+    image_projection: Literal["linear", "mlp", "none"] | None = None
+    # Dropout on the input and hidden layer of MLP projections (a regulariser when few
+    # images train them).
+    projection_dropout: float = 0.0
     # Initial softmax temperature of the contrastive logits (CLIP uses 0.07).
     init_temperature: float = 0.07
     # The learnable logit scale 1/temperature is clamped to at most this value.

@@ -205,6 +205,12 @@ class CachedCaptionCollator:
     comes from cached text features when the text tower is frozen too, or is
     tokenised for the trainable text tower otherwise.
 
+    Items may also be ``(position, draw)`` pairs, where ``draw`` is a random
+    integer chosen by the sampler: in training, the copy is ``draw % copies``
+    and the caption ``(draw // copies) % captions``, so a batch is a pure function
+    of its items and a resumed run draws exactly what an uninterrupted one does
+    (see :class:`~mmtransfer.multitask.MixedBatchSampler`).
+
     Args:
         image_feats: cached image tower outputs for positions 0..N-1, or a list of
             such copies (plain first, then augmented).
@@ -213,10 +219,11 @@ class CachedCaptionCollator:
         text_rows: caption string -> row of ``text_feats`` (with ``text_feats``).
         tokenizer, max_length: tokenise captions when ``text_feats`` is None.
         train: pick captions at random.
+        labels: per image, its class label (added to batches as ``labels``), or None.
 
     Shapes:
         -> image_pooled (B, Di), image_tokens (B, P, Di), input_ids and attention_mask (B, T),
-        and with cached text: text_pooled (B, Dt), text_tokens (B, T, Dt).
+        with cached text: text_pooled (B, Dt), text_tokens (B, T, Dt), with labels: labels (B,).
     """
 
     def __init__(
@@ -229,6 +236,7 @@ class CachedCaptionCollator:
         max_length: int = 64,
         train: bool = False,
         seed: int = 0,
+        labels: Sequence[int] | None = None,
     ) -> None:
         if text_feats is None and tokenizer is None:
             raise ValueError("Give either cached text features or a tokenizer.")
@@ -243,11 +251,16 @@ class CachedCaptionCollator:
         self.max_length = max_length
         self.train = train
         self.rng = random.Random(seed)
+        self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
 
-    def _pick(self, caps: list[str]) -> str:
-        return caps[self.rng.randrange(len(caps))] if self.train and len(caps) > 1 else caps[0]
+    def _pick(self, caps: list[str], draw: int | None = None) -> str:
+        if not self.train or len(caps) == 1:
+            return caps[0]
+        if draw is not None:
+            return caps[(draw // len(self.copies)) % len(caps)]
+        return caps[self.rng.randrange(len(caps))]
 
-    def _images(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _images(self, idx: torch.Tensor, draws: list[int] | None = None) -> dict[str, torch.Tensor]:
         """image_pooled (B, Di) and image_tokens (B, P, Di), each item from its drawn copy."""
         if not self.train or len(self.copies) == 1:
             feats = self.image_feats
@@ -255,7 +268,9 @@ class CachedCaptionCollator:
             if feats.tokens is not None:
                 out["image_tokens"] = feats.tokens[idx].float()
             return out
-        which = torch.as_tensor([self.rng.randrange(len(self.copies)) for _ in range(len(idx))])  # (B,)
+        n = len(self.copies)
+        picks = [d % n for d in draws] if draws is not None else [self.rng.randrange(n) for _ in range(len(idx))]
+        which = torch.as_tensor(picks)  # (B,)
         first = self.image_feats
         pooled = torch.empty(len(idx), *first.pooled.shape[1:], dtype=first.pooled.dtype)
         tokens = None if first.tokens is None else torch.empty(len(idx), *first.tokens.shape[1:])
@@ -266,10 +281,15 @@ class CachedCaptionCollator:
                 tokens[rows] = feats.tokens[idx[rows]].float()
         return {"image_pooled": pooled} if tokens is None else {"image_pooled": pooled, "image_tokens": tokens}
 
-    def __call__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, positions: list[int] | list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        draws: list[int] | None = None
+        if positions and isinstance(positions[0], (tuple, list)):
+            positions, draws = [int(p) for p, _ in positions], [int(d) for _, d in positions]
         idx = torch.as_tensor(positions, dtype=torch.long)  # (B,)
-        texts = [self._pick(self.captions[p]) for p in positions]
-        batch = {"image_index": idx, **self._images(idx)}
+        texts = [self._pick(self.captions[p], None if draws is None else draws[i]) for i, p in enumerate(positions)]
+        batch = {"image_index": idx, **self._images(idx, draws)}
+        if self.labels is not None:
+            batch["labels"] = self.labels[idx]  # (B,)
         if self.text_feats is None:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             batch.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # (B, T)

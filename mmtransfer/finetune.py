@@ -17,6 +17,7 @@ import torch
 from .config import ModelConfig
 from .data.config import DataConfig
 from .models.preprocess import AugmentConfig
+from .multitask import TasksConfig
 from .objectives import CaptionObjectiveConfig
 from .train import OptimConfig, TrainConfig
 
@@ -78,6 +79,9 @@ class FinetuneConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     data: CaptionDataSection = field(default_factory=CaptionDataSection)
     objective: CaptionObjectiveConfig = field(default_factory=CaptionObjectiveConfig)
+    # Multi-task training: captions, labels and a domain loss in one run, each with its share of
+    # every step's images and its loss weight (see docs/multitask.md). None: captions only.
+    tasks: TasksConfig | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/finetune_captions"))
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -122,9 +126,122 @@ class _Split:
 
     name: str
     dataset: Any
-    captions: list[list[str]]
+    captions: list[list[str]]  # empty for data without captions (e.g. a labelled split)
     image_feats: Any = None  # CachedFeatures when the image tower is cached
     augmented_feats: list[Any] = field(default_factory=list)  # augmented copies (training split)
+
+
+def load_split(name: str, section: DataConfig, reports: dict[str, Any]) -> _Split:
+    """Load one data section with row ids 0..N-1 (and its captions, when it has them); its report goes into ``reports``."""
+    from . import data as mmdata
+    from .features import with_row_ids
+
+    loaded = mmdata.load_with_report(section)
+    reports[name] = loaded.report
+    ds = with_row_ids(loaded.dataset)
+    split = _Split(name, ds, _captions(ds) if "captions" in ds.column_names else [])
+    logger.info("%s: %d images, %d captions (%s)", name, len(ds), sum(map(len, split.captions)), section.name)
+    return split
+
+
+@dataclass
+class FeaturePlan:
+    """Which tower outputs a run computes once and reuses (see :mod:`mmtransfer.features`)."""
+
+    # Image tower features are cached (frozen tower, no augmentation or augmented copies).
+    cache: bool
+    # The text tower is frozen: caption features are cached too.
+    text_frozen: bool
+    # Augmented copies of each training image's features.
+    copies: int
+    # Keep token features (the fusion layer needs them).
+    keep_tokens: bool
+    # On-disk cache folder (None: memory only).
+    folder: Path | None
+
+
+def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool) -> FeaturePlan:
+    """Decide, from the freezing policy and the data options, what is cached."""
+    image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
+    text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
+    augment = data.augment
+    if data.augmented_copies < 0:
+        raise ValueError(f"data.augmented_copies must be 0 or more, not {data.augmented_copies}.")
+    if data.augmented_copies > 0 and not augment.enabled:
+        logger.warning("data.augmented_copies=%d has no effect: data.augment is off.", data.augmented_copies)
+    copies = data.augmented_copies if augment.enabled else 0
+    cache = data.cache_features and image_frozen and (not augment.enabled or copies > 0)
+    folder = None
+    if data.persist_features:
+        from .data.config import cache_root
+
+        folder = Path(data.feature_cache_dir) if data.feature_cache_dir else cache_root(data.train) / "features"
+    return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder)
+
+
+def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: AugmentConfig, seed: int,
+                         batch_size: int, progress: bool, train: bool = False, keep_tokens: bool | None = None) -> None:
+    """Fill ``split.image_feats`` (and, for a training split, its augmented copies) from the frozen image tower."""
+    from . import data as mmdata
+    from .features import image_features
+
+    tokens = plan.keep_tokens if keep_tokens is None else keep_tokens
+    ds = split.dataset
+    loader = mmdata.make_loader(ds, mmdata.ImageCollator(model.preprocessor), batch_size)
+    split.image_feats = image_features(model.image_encoder, loader, len(ds), keep_tokens=tokens, cache_dir=plan.folder,
+                                       data_key=f"{ds._fingerprint}", progress=progress)
+    if not train:
+        return
+    augmenting = model.preprocessor.with_augment(augment)
+    split.augmented_feats = []
+    for k in range(plan.copies):
+        # Each copy's augmentations come from their own seed, so the cache key pins them.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + k)
+            loader = mmdata.make_loader(ds, mmdata.ImageCollator(augmenting), batch_size)
+            split.augmented_feats.append(image_features(
+                model.image_encoder, loader, len(ds), keep_tokens=tokens, cache_dir=plan.folder,
+                data_key=f"{ds._fingerprint}|{augment}|seed={seed}|copy={k}",
+                progress=progress, desc=f"caching augmented copy {k + 1}/{plan.copies}",
+            ))
+
+
+def cache_text_features(model: Any, texts: Any, plan: FeaturePlan, progress: bool, keep_tokens: bool | None = None) -> tuple[Any, dict[str, int]]:
+    """Frozen text tower features of the distinct ``texts`` (sorted) and each text's row in them."""
+    from .features import text_features
+
+    unique = sorted(set(texts))
+    rows = {c: i for i, c in enumerate(unique)}
+    tokens = plan.keep_tokens if keep_tokens is None else keep_tokens
+    return text_features(model.text_encoder, unique, keep_tokens=tokens, cache_dir=plan.folder, progress=progress), rows
+
+
+def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
+                     train: bool, seed: int) -> Any:
+    """Positions (or ``(position, draw)`` pairs) of ``split`` -> caption batches from its cached image features."""
+    from .features import CachedCaptionCollator
+
+    feats = [split.image_feats, *split.augmented_feats] if train else split.image_feats
+    labels = split.dataset["label"] if "label" in split.dataset.column_names else None
+    labels = None if labels is None or None in labels else labels  # (N,) class ids, only when every row has one
+    return CachedCaptionCollator(feats, split.captions, text_cache, text_rows, model.tokenizer,
+                                 model.text_encoder.config.max_length, train=train, seed=seed, labels=labels)
+
+
+def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
+                      batch_size: int, seed: int) -> dict[str, Any]:
+    """``<split>/images`` and ``<split>/captions`` loaders for :func:`~mmtransfer.objectives.evaluate_retrieval`."""
+    from . import data as mmdata
+
+    if plan.cache:
+        positions = list(range(len(split.dataset)))
+        collate = caption_collator(model, split, plan, text_cache, text_rows, train=False, seed=seed)
+        images = torch.utils.data.DataLoader(positions, batch_size=batch_size, collate_fn=collate)
+    else:
+        images = mmdata.make_loader(split.dataset, mmdata.ImageCollator(model.preprocessor), batch_size)
+    captions = _CaptionLoader(split.captions, model.tokenizer, model.text_encoder.config.max_length,
+                              text_cache, text_rows).dataloader(batch_size)
+    return {f"{split.name}/images": images, f"{split.name}/captions": captions}
 
 
 def build_model(cfg: FinetuneConfig) -> Any:
@@ -142,13 +259,28 @@ def build_model(cfg: FinetuneConfig) -> Any:
     return model
 
 
+def write_test_metrics(accelerator: Any, run_dir: Path, test_metrics: dict[str, float]) -> None:
+    """Add ``test_metrics`` to the run's summary.json (main process)."""
+    if accelerator.is_main_process:
+        path = run_dir / "summary.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data["test_metrics"] = test_metrics
+        path.write_text(json.dumps(data, indent=2))
+
+
 def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
-    """Train and evaluate per ``cfg``; returns the summary (also written to the run folder)."""
+    """Train and evaluate per ``cfg``; returns the summary (also written to the run folder).
+
+    With a ``tasks`` section the run is multi-task (:func:`mmtransfer.multitask.run`).
+    """
     from . import data as mmdata
-    from .features import CachedCaptionCollator, image_features, text_features, with_row_ids
-    from .objectives import CaptionTask
+    from .objectives import CaptionObjective, CaptionTask, evaluate_retrieval
     from .train import Trainer, fast_dev_slice, make_accelerator
 
+    if cfg.tasks is not None:
+        from .multitask import run as run_multitask
+
+        return run_multitask(cfg, fast_dev_run)
     if fast_dev_run:
         fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 64)
         cfg.train.batch_size = min(cfg.train.batch_size, 16)
@@ -162,73 +294,34 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     splits: dict[str, _Split] = {}
     with accelerator.main_process_first():
         for name, section in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)):
-            if section is None:
-                continue
-            loaded = mmdata.load_with_report(section)
-            reports[name] = loaded.report
-            ds = with_row_ids(loaded.dataset)
-            splits[name] = _Split(name, ds, _captions(ds))
-            logger.info("%s: %d images, %d captions (%s)", name, len(ds), sum(map(len, splits[name].captions)), section.name)
+            if section is not None:
+                splits[name] = load_split(name, section, reports)
 
-    image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
-    text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
-    augment = cfg.data.augment
-    copies = cfg.data.augmented_copies if augment.enabled else 0
-    if cfg.data.augmented_copies < 0:
-        raise ValueError(f"data.augmented_copies must be 0 or more, not {cfg.data.augmented_copies}.")
-    if cfg.data.augmented_copies > 0 and not augment.enabled:
-        logger.warning("data.augmented_copies=%d has no effect: data.augment is off.", cfg.data.augmented_copies)
-    cache = cfg.data.cache_features and image_frozen and (not augment.enabled or copies > 0)
-    keep_tokens = model.fusion is not None and cfg.objective.itm_weight > 0
-    max_length = model.text_encoder.config.max_length
+    plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective))
     bs = cfg.data.eval_batch_size
-    feature_dir = None
-    if cfg.data.persist_features:
-        from .data.config import cache_root
-
-        feature_dir = Path(cfg.data.feature_cache_dir) if cfg.data.feature_cache_dir else cache_root(cfg.data.train) / "features"
+    progress = accelerator.is_local_main_process
     text_cache = None
     text_rows: dict[str, int] = {}
-    if cache:
+    train_split = splits["train"]
+    if cfg.objective.positives == "label" and "label" not in train_split.dataset.column_names:
+        raise ValueError(f"objective.positives=label needs class labels, but the training data ({cfg.data.train.name}) "
+                         "has no 'label' column; use objective.positives=caption.")
+
+    if plan.cache:
         model.to(accelerator.device)
         with accelerator.main_process_first():
             for split in splits.values():
-                loader = mmdata.make_loader(split.dataset, mmdata.ImageCollator(model.preprocessor), bs)
-                key = f"{split.dataset._fingerprint}"
-                split.image_feats = image_features(
-                    model.image_encoder, loader, len(split.dataset), keep_tokens=keep_tokens,
-                    cache_dir=feature_dir, data_key=key, progress=accelerator.is_local_main_process,
-                )
-            train_split = splits["train"]
-            augmenting = model.preprocessor.with_augment(augment)
-            for k in range(copies):
-                # Each copy's augmentations come from their own seed, so the cache key pins them.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cfg.train.seed * 1000 + k)
-                    loader = mmdata.make_loader(train_split.dataset, mmdata.ImageCollator(augmenting), bs)
-                    train_split.augmented_feats.append(image_features(
-                        model.image_encoder, loader, len(train_split.dataset), keep_tokens=keep_tokens,
-                        cache_dir=feature_dir, data_key=f"{train_split.dataset._fingerprint}|{augment}|seed={cfg.train.seed}|copy={k}",
-                        progress=accelerator.is_local_main_process, desc=f"caching augmented copy {k + 1}/{copies}",
-                    ))
-            if text_frozen:
-                unique = sorted({c for s in splits.values() for caps in s.captions for c in caps})
-                text_rows = {c: i for i, c in enumerate(unique)}
-                text_cache = text_features(model.text_encoder, unique, keep_tokens=keep_tokens,
-                                           cache_dir=feature_dir, progress=accelerator.is_local_main_process)
+                cache_image_features(model, split, plan, cfg.data.augment, cfg.train.seed, bs, progress, train=split is train_split)
+            if plan.text_frozen:
+                text_cache, text_rows = cache_text_features(model, (c for s in splits.values() for caps in s.captions for c in caps),
+                                                            plan, progress)
         logger.info("Frozen towers: training on cached features (image%s%s).", " and text" if text_cache else "",
-                    f", {copies} augmented cop{'y' if copies == 1 else 'ies'} of the training images" if copies else "")
+                    f", {plan.copies} augmented cop{'y' if plan.copies == 1 else 'ies'} of the training images" if plan.copies else "")
 
-    def cached_collator(split: _Split, train: bool) -> CachedCaptionCollator:
-        feats = [split.image_feats, *split.augmented_feats] if train else split.image_feats
-        return CachedCaptionCollator(feats, split.captions, text_cache, text_rows,
-                                     model.tokenizer, max_length, train=train, seed=cfg.train.seed)
-
-    train_split = splits["train"]
-    if cache:
+    if plan.cache:
         train_loader = torch.utils.data.DataLoader(
             list(range(len(train_split.dataset))), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-            collate_fn=cached_collator(train_split, train=True),
+            collate_fn=caption_collator(model, train_split, plan, text_cache, text_rows, train=True, seed=cfg.train.seed),
         )
     else:
         collate = mmdata.CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=cfg.train.seed)
@@ -237,19 +330,10 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     if len(train_loader) == 0:
         raise ValueError(f"The training split has {len(train_split.dataset)} images, fewer than one batch of {cfg.train.batch_size}: lower train.batch_size.")
 
-    def eval_loaders(split: _Split) -> dict[str, Any]:
-        if cache:
-            positions = list(range(len(split.dataset)))
-            images = torch.utils.data.DataLoader(positions, batch_size=bs, collate_fn=cached_collator(split, train=False))
-        else:
-            images = mmdata.make_loader(split.dataset, mmdata.ImageCollator(model.preprocessor), bs)
-        captions = _CaptionLoader(split.captions, model.tokenizer, max_length, text_cache, text_rows).dataloader(bs)
-        return {f"{split.name}/images": images, f"{split.name}/captions": captions}
-
     loaders: dict[str, Any] = {}
     for name in ("validation", "test"):
         if name in splits:
-            loaders.update(eval_loaders(splits[name]))
+            loaders.update(retrieval_loaders(model, splits[name], plan, text_cache, text_rows, bs, cfg.train.seed))
 
     task = CaptionTask(model, cfg.objective)
 
@@ -260,7 +344,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         return {f"val/{k}": v for k, v in out.items()}
 
     summary_extra = {"data": {k: r.to_dict() for k, r in reports.items()},
-                     "feature_cache": bool(cache), "augmented_copies": len(train_split.augmented_feats)}
+                     "feature_cache": bool(plan.cache), "augmented_copies": len(train_split.augmented_feats)}
     trainer = Trainer(task, train_loader, cfg.train, cfg.optim, evaluate=evaluate, eval_loaders=loaders,
                       run_config=cfg, export=lambda t, d: t.model.save_pretrained(d), summary_extra=summary_extra,
                       accelerator=accelerator)
@@ -270,13 +354,9 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         task_ = accelerator.unwrap_model(trainer.task)
         task_.eval()
         with torch.no_grad():
-            test_metrics = task_.evaluate_retrieval(accelerator, trainer.eval_loaders["test/images"],
-                                                    trainer.eval_loaders["test/captions"], cfg.data.rerank_k)
+            test_metrics = evaluate_retrieval(task_.model, accelerator, trainer.eval_loaders["test/images"],
+                                              trainer.eval_loaders["test/captions"], cfg.data.rerank_k)
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
                "steps": result.step, "validation": result.metrics, "test": test_metrics}
-    if accelerator.is_main_process:
-        path = result.run_dir / "summary.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data["test_metrics"] = test_metrics
-        path.write_text(json.dumps(data, indent=2))
+    write_test_metrics(accelerator, result.run_dir, test_metrics)
     return summary

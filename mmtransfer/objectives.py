@@ -7,7 +7,7 @@ reads tower features from the batch when they were cached, or computes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,46 +44,74 @@ class CaptionObjectiveConfig:
     contrastive_weight: float = 1.0
     # Image-text matching through the fusion layer with hard negatives (0 disables fusion training).
     itm_weight: float = 1.0
+    # Which pairs of a batch count as positives of each other besides each image and its own
+    # caption: "caption" = pairs with the same caption text; "label" = pairs whose images have
+    # the same class label (for sets that caption a class several ways, e.g. glyphs: "seven",
+    # "the digit 7"; needs a label column in the training data).
+    positives: Literal["caption", "label"] = "caption"
 
 
-class CaptionTask(nn.Module):
-    """Contrastive alignment plus ALBEF-style image-text matching on captioned images.
+def image_features(model: MultimodalModel, batch: dict[str, Any]) -> ImageEncoderOutput:
+    """The image tower's output for a batch: read from cached ``image_pooled``/``image_tokens``, or computed from ``pixel_values``."""
+    if "image_pooled" in batch:
+        return ImageEncoderOutput(tokens=batch.get("image_tokens"), pooled=batch["image_pooled"])
+    return model.image_encoder(batch["pixel_values"])
+
+
+def text_features(model: MultimodalModel, batch: dict[str, Any]) -> TextEncoderOutput:
+    """The text tower's output for a batch: read from cached ``text_pooled``/``text_tokens``, or computed from token ids."""
+    if "text_pooled" in batch:
+        return TextEncoderOutput(tokens=batch.get("text_tokens"), attention_mask=batch["attention_mask"], pooled=batch["text_pooled"])
+    return model.text_encoder(batch["input_ids"], batch["attention_mask"])
+
+
+class CaptionObjective(nn.Module):
+    """Contrastive alignment plus ALBEF-style image-text matching, over a model passed in.
+
+    Holds only its loss modules (no model), so several objectives can share one
+    model inside one task (see :class:`~mmtransfer.multitask.MultiTask`).
 
     Batches hold either pixels and token ids, or cached tower features:
     ``pixel_values`` (B, 3, S, S) or ``image_tokens`` (B, P, Di) + ``image_pooled`` (B, Di);
     ``input_ids``/``attention_mask`` (B, T), plus ``text_tokens`` (B, T, Dt) and
     ``text_pooled`` (B, Dt) when the text tower is cached.
+
+    Objective:
+        L = contrastive_weight * InfoNCE(z_img, z_txt) + itm_weight * ITM(fused pairs, hard negatives).
+
+    Example:
+        >>> objective = CaptionObjective(CaptionObjectiveConfig(itm_weight=0), use_itm=False)
+        >>> out = objective(model, batch, StepInfo(0, 100))   # TaskOutput(loss, metrics)
     """
 
-    def __init__(self, model: MultimodalModel, config: CaptionObjectiveConfig) -> None:
+    def __init__(self, config: CaptionObjectiveConfig, use_itm: bool) -> None:
         super().__init__()
-        self.model = model
         self.config = config
+        self.use_itm = use_itm
         self.contrastive = ContrastiveLoss()
         self.matching = MatchingLoss()
-        self.use_itm = config.itm_weight > 0 and model.fusion is not None
-        if model.fusion is not None and not self.use_itm:
-            # Unused parameters must not require gradients under DDP.
-            model.fusion.requires_grad_(False)
 
-    def image_features(self, batch: dict[str, Any]) -> ImageEncoderOutput:
-        if "image_pooled" in batch:
-            return ImageEncoderOutput(tokens=batch.get("image_tokens"), pooled=batch["image_pooled"])
-        return self.model.image_encoder(batch["pixel_values"])
+    @staticmethod
+    def uses_itm(model: MultimodalModel, config: CaptionObjectiveConfig) -> bool:
+        """Whether image-text matching trains: a positive weight and a fusion stack to train it on."""
+        return config.itm_weight > 0 and model.fusion is not None
 
-    def text_features(self, batch: dict[str, Any]) -> TextEncoderOutput:
-        if "text_pooled" in batch:
-            return TextEncoderOutput(tokens=batch.get("text_tokens"), attention_mask=batch["attention_mask"], pooled=batch["text_pooled"])
-        return self.model.text_encoder(batch["input_ids"], batch["attention_mask"])
+    def positive_groups(self, batch: dict[str, Any]) -> torch.Tensor:
+        """An id per row; rows with the same id are positives of each other. Shapes: -> (B,)"""
+        if self.config.positives == "label":
+            if "labels" not in batch:
+                raise ValueError("objective.positives=label needs class labels in the training batches: "
+                                 "the training data has no integer 'label' column.")
+            return batch["labels"]
+        return caption_groups(batch["input_ids"], batch["attention_mask"])
 
-    def forward(self, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
-        model = self.model
-        img = self.image_features(batch)
-        txt = self.text_features(batch)
+    def forward(self, model: MultimodalModel, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
+        img = image_features(model, batch)
+        txt = text_features(model, batch)
         zi = model.project_image(img.pooled)  # (B, E)
         zt = model.project_text(txt.pooled)  # (B, E)
         scale = model.get_logit_scale()
-        groups = caption_groups(batch["input_ids"], batch["attention_mask"])  # (B,)
+        groups = self.positive_groups(batch)  # (B,)
         con = self.contrastive(zi, zt, scale, groups)
         loss = self.config.contrastive_weight * con.loss
         metrics: dict[str, torch.Tensor | float] = {
@@ -103,55 +131,80 @@ class CaptionTask(nn.Module):
             metrics.update(itm=itm.loss.detach(), itm_acc=itm.accuracy)
         return TaskOutput(loss=loss, metrics=metrics)
 
-    @torch.no_grad()
+
+class CaptionTask(nn.Module):
+    """Contrastive alignment plus ALBEF-style image-text matching on captioned images.
+
+    The model and a :class:`CaptionObjective`: what the trainer wraps for a
+    caption-only run. Batches are those of :class:`CaptionObjective`.
+    """
+
+    def __init__(self, model: MultimodalModel, config: CaptionObjectiveConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.use_itm = CaptionObjective.uses_itm(model, config)
+        self.objective = CaptionObjective(config, self.use_itm)
+        if model.fusion is not None and not self.use_itm:
+            # Unused parameters must not require gradients under DDP.
+            model.fusion.requires_grad_(False)
+
+    def forward(self, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
+        return self.objective(self.model, batch, info)
+
     def evaluate_retrieval(self, accelerator: Any, images: Any, captions: Any, rerank_k: int = 0) -> dict[str, float]:
-        """Recall@1/5/10 both ways over an image loader and a caption loader (several captions per image).
+        """Recall@1/5/10 both ways (see :func:`evaluate_retrieval`)."""
+        return evaluate_retrieval(self.model, accelerator, images, captions, rerank_k)
 
-        With ``rerank_k > 0`` and a fusion layer, also report recall after re-ranking
-        each query's top ``rerank_k`` candidates by the image-text matching score
-        (keys prefixed ``itm_``), as ALBEF retrieves.
-        """
-        model = self.model
-        rerank = rerank_k > 0 and model.fusion is not None
-        T = model.text_encoder.config.max_length
-        img_tok: list[torch.Tensor] = []
-        txt_tok: list[torch.Tensor] = []
-        txt_mask: list[torch.Tensor] = []
 
-        def embed_images(b: dict[str, Any]) -> torch.Tensor:
-            f = self.image_features(b)
-            if rerank:
-                img_tok.append(_gather(accelerator, f.tokens.float()))
-            return model.project_image(f.pooled)
+@torch.no_grad()
+def evaluate_retrieval(model: MultimodalModel, accelerator: Any, images: Any, captions: Any, rerank_k: int = 0) -> dict[str, float]:
+    """Recall@1/5/10 both ways over an image loader and a caption loader (several captions per image).
 
-        def embed_texts(b: dict[str, Any]) -> torch.Tensor:
-            f = self.text_features(b)
-            if rerank:  # pad to a fixed length so batches (and processes) concatenate
-                pad = T - f.tokens.shape[1]
-                txt_tok.append(_gather(accelerator, F.pad(f.tokens.float(), (0, 0, 0, pad))))
-                txt_mask.append(_gather(accelerator, F.pad(f.attention_mask, (0, pad))))
-            return model.project_text(f.pooled)
+    With ``rerank_k > 0`` and a fusion layer, also report recall after re-ranking
+    each query's top ``rerank_k`` candidates by the image-text matching score
+    (keys prefixed ``itm_``), as ALBEF retrieves.
+    """
+    rerank = rerank_k > 0 and model.fusion is not None
+    T = model.text_encoder.config.max_length
+    img_tok: list[torch.Tensor] = []
+    txt_tok: list[torch.Tensor] = []
+    txt_mask: list[torch.Tensor] = []
 
-        zi, ii = embed_all(images, embed_images, accelerator)
-        zt, ti = embed_all(captions, embed_texts, accelerator)
-        order = ii.argsort()
-        if not torch.equal(ii[order], torch.arange(len(ii))):
-            raise ValueError("The image loader must yield every image_index from 0 to N-1 exactly once.")
-        out = recall_at_k(zi[order], zt, ti)
+    def embed_images(b: dict[str, Any]) -> torch.Tensor:
+        f = image_features(model, b)
         if rerank:
-            tokens_i = torch.cat(img_tok)[order]  # (N_i, P, Di)
-            tokens_t, masks_t = torch.cat(txt_tok), torch.cat(txt_mask)  # (N_t, T, Dt), (N_t, T)
-            device = model.device
+            img_tok.append(_gather(accelerator, f.tokens.float()))
+        return model.project_image(f.pooled)
 
-            def pair_scores(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-                uniq, inv = image_idx.unique(return_inverse=True)
-                logits = model.fusion(tokens_t[text_idx].to(device), masks_t[text_idx].to(device),
-                                      tokens_i[uniq].to(device), image_index=inv.to(device)).itm_logits.float()
-                return (logits[:, 1] - logits[:, 0]).cpu()
+    def embed_texts(b: dict[str, Any]) -> torch.Tensor:
+        f = text_features(model, b)
+        if rerank:  # pad to a fixed length so batches (and processes) concatenate
+            pad = T - f.tokens.shape[1]
+            txt_tok.append(_gather(accelerator, F.pad(f.tokens.float(), (0, 0, 0, pad))))
+            txt_mask.append(_gather(accelerator, F.pad(f.attention_mask, (0, pad))))
+        return model.project_text(f.pooled)
 
-            sims = zi[order] @ zt.T  # (N_i, N_t)
-            out.update({f"itm_{k}": v for k, v in rerank_recall_at_k(sims, ti, pair_scores, k=rerank_k).items()})
-        return out
+    zi, ii = embed_all(images, embed_images, accelerator)
+    zt, ti = embed_all(captions, embed_texts, accelerator)
+    order = ii.argsort()
+    if not torch.equal(ii[order], torch.arange(len(ii))):
+        raise ValueError("The image loader must yield every image_index from 0 to N-1 exactly once.")
+    out = recall_at_k(zi[order], zt, ti)
+    if rerank:
+        tokens_i = torch.cat(img_tok)[order]  # (N_i, P, Di)
+        tokens_t, masks_t = torch.cat(txt_tok), torch.cat(txt_mask)  # (N_t, T, Dt), (N_t, T)
+        device = model.device
+
+        def pair_scores(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+            uniq, inv = image_idx.unique(return_inverse=True)
+            logits = model.fusion(tokens_t[text_idx].to(device), masks_t[text_idx].to(device),
+                                  tokens_i[uniq].to(device), image_index=inv.to(device)).itm_logits.float()
+            return (logits[:, 1] - logits[:, 0]).cpu()
+
+        sims = zi[order] @ zt.T  # (N_i, N_t)
+        out.update({f"itm_{k}": v for k, v in rerank_recall_at_k(sims, ti, pair_scores, k=rerank_k).items()})
+    return out
 
 
 def _gather(accelerator: Any, x: torch.Tensor) -> torch.Tensor:

@@ -498,7 +498,10 @@ class Trainer:
         if not cfg.fast_dev_run:
             self.save_checkpoint()
         model_dir = self._finish(metrics, elapsed)
-        acc.end_training()
+        # Close the trackers but keep the process group: recipes evaluate their test split with the
+        # same accelerator after fit (Accelerator.end_training would destroy the group under DDP).
+        for tracker in acc.trackers:
+            tracker.finish()
         return TrainResult(self.run_dir, self.state.step, metrics, model_dir)
 
     def _finish(self, metrics: dict[str, float], elapsed: float) -> Path | None:

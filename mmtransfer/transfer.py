@@ -62,32 +62,39 @@ def class_embeddings(
 
 
 class LinearHead(nn.Module):
-    """A linear classifier over shared-space embeddings: logits = z W^T + b.
+    """A linear classifier over shared-space embeddings: logits = scale * z W^T + b.
+
+    The rows of ``W`` start at unit length (class-name embeddings, or random
+    directions) and ``scale`` is a fixed buffer (the model's logit scale) that
+    sets the range of the logits. A text-initialised head and a random one
+    therefore take optimizer steps of the same relative size and differ only in
+    where they start; folding the scale into ``W`` instead would make a
+    text-initialised head ~100x longer than a random one and all but freeze it
+    under Adam.
 
     Shapes:
         (B, E) -> (B, C)
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: float = 1.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.clone())
         self.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros(weight.shape[0]))
+        self.register_buffer("scale", torch.tensor(float(scale)))
 
     @classmethod
     def from_text(cls, model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None) -> "LinearHead":
-        """Weights = logit scale * class-name embeddings: the zero-shot classifier as a trainable head."""
-        w = class_embeddings(model, class_names, templates) * model.get_logit_scale().detach()  # (C, E)
-        return cls(w)
+        """Rows = class-name embeddings, scale = the model's logit scale: the zero-shot classifier as a trainable head."""
+        return cls(class_embeddings(model, class_names, templates), scale=float(model.get_logit_scale().detach()))  # (C, E)
 
     @classmethod
-    def random(cls, num_classes: int, dim: int, seed: int = 0) -> "LinearHead":
-        """A randomly initialised head of the same shape (the baseline for text initialisation)."""
+    def random(cls, num_classes: int, dim: int, seed: int = 0, scale: float = 1.0) -> "LinearHead":
+        """Random unit-length rows (the baseline for text initialisation), with the same ``scale``."""
         g = torch.Generator().manual_seed(seed)
-        bound = 1.0 / dim**0.5
-        return cls((torch.rand(num_classes, dim, generator=g) * 2 - 1) * bound)
+        return cls(F.normalize(torch.randn(num_classes, dim, generator=g), dim=-1), scale=scale)  # (C, E)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.linear(z, self.weight, self.bias)
+        return self.scale * F.linear(z, self.weight) + self.bias  # (B, C)
 
 
 class ImageClassifier(nn.Module):

@@ -1,15 +1,21 @@
-"""Fine-tune a text tower and an image tower on captioned images.
+"""Fine-tune a text tower and an image tower on captioned images, alone or with other tasks.
 
 Contrastive alignment in the shared space plus image-text matching through the
 fusion layer, on any captioned data the data layer reads (the built-in
 openmoji set by default). Reports image->text and text->image recall@1/5/10 on
 the validation and test splits and exports the model for mmtransfer.load.
 
+With a `tasks` section (configs/multitask_*.yaml) the run is multi-task: captions,
+a classification head on labelled images and a domain loss on unlabelled target
+images train together, each with its share of every step's images and its loss
+weight (fixed, or learned by uncertainty weighting); every task is evaluated.
+
 Examples:
   python scripts/finetune_captions.py --config configs/openmoji_contrastive.yaml
   python scripts/finetune_captions.py --config configs/openmoji_contrastive.yaml train.max_steps=100 optim.lr=5e-4
   python scripts/finetune_captions.py --config configs/openmoji_contrastive.yaml --fast-dev-run
   accelerate launch --num_processes 2 scripts/finetune_captions.py --config configs/openmoji_contrastive.yaml
+  python scripts/finetune_captions.py --config configs/multitask_openmoji_joint.yaml tasks.weighting=uncertainty
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ def main() -> None:
     setup_logging()
     summary = run_main(run, config, args.fast_dev_run)
     if summary is None:
+        return
+    if "tasks" in summary:
+        from mmtransfer.multitask import format_report
+
+        print(format_report(summary))
         return
     print(_report(summary))
 

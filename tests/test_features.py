@@ -95,3 +95,10 @@ def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
     assert written["feature_cache"] is True and written["augmented_copies"] == 2
     # The plain training features plus two augmented copies, on disk.
     assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 3
+
+
+def test_collator_carries_labels_when_given(tiny_model):
+    feats = _copies(k=1)[0]
+    batch = CachedCaptionCollator(feats, [["x"]] * 6, tokenizer=tiny_model.tokenizer, labels=[3, 3, 1, 0, 2, 2])([1, 2, 5])
+    assert batch["labels"].tolist() == [3, 1, 2]
+    assert "labels" not in CachedCaptionCollator(feats, [["x"]] * 6, tokenizer=tiny_model.tokenizer)([1])

@@ -259,6 +259,29 @@ def test_mlp_projection_and_no_fusion():
         model.match(torch.randn(1, 3, 32, 32), ["a"])
 
 
+def test_per_tower_projections_none_keeps_the_sentence_space(tmp_path):
+    # Text projection "none": the shared space is the text tower's own pooled space.
+    cfg = _tiny_config(text_projection="none", image_projection="mlp", projection_dropout=0.2, embed_dim=64)
+    model = mmtransfer.create_model(cfg).eval()
+    assert not list(model.text_projection.parameters())
+    texts = ["a red apple", "a blue car"]
+    with torch.no_grad():
+        pooled = model.text_features(texts).pooled
+        torch.testing.assert_close(model.encode_text(texts), torch.nn.functional.normalize(pooled, dim=-1))
+        z = model.encode_image(torch.randn(2, 3, 32, 32))
+    assert z.shape == (2, 64)
+    # Dropout acts in training only and adds no weights: a saved model loads without it.
+    model.train()
+    x = torch.randn(4, model.image_encoder.width)
+    assert not torch.equal(model.image_projection(x), model.image_projection(x))
+    model.eval().save_pretrained(tmp_path / "m")
+    again = mmtransfer.load(str(tmp_path / "m"))
+    torch.testing.assert_close(again.image_projection(x), model.image_projection(x))
+    # "none" needs the shared width to equal the tower's.
+    with pytest.raises(ValueError, match="embed_dim"):
+        mmtransfer.create_model(_tiny_config(text_projection="none", embed_dim=16))
+
+
 def test_create_model_from_dict_and_unknown_key():
     model = mmtransfer.create_model(dataclasses.asdict(_tiny_config(embed_dim=16)))
     assert model.encode_text(["x"]).shape == (1, 16)

@@ -9,6 +9,7 @@ import pytest
 from mmtransfer.adapt import AdaptConfig
 from mmtransfer.classify import ClassifyConfig
 from mmtransfer.config import ConfigError, load_config
+from mmtransfer.distill import DistillConfig
 from mmtransfer.finetune import FinetuneConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -17,10 +18,12 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_recipe_loads_into_one_script_config(path):
     fits = []
-    for cls in (FinetuneConfig, ClassifyConfig, AdaptConfig):
+    for cls in (FinetuneConfig, ClassifyConfig, AdaptConfig, DistillConfig):
         try:
-            load_config(cls, path)
-            fits.append(cls.__name__)
+            cfg = load_config(cls, path)
         except ConfigError:
-            pass
+            continue
+        # A distillation recipe is an adaptation recipe plus a teacher: only those name one.
+        if cls is not DistillConfig or cfg.teacher is not None:
+            fits.append(cls.__name__)
     assert len(fits) == 1, f"{path.name} fits {fits or 'no script config'}"

@@ -256,3 +256,17 @@ def test_rerank_recall_uses_the_pair_scorer():
     same = rerank_recall_at_k(sims, owner, lambda i, t: sims[i, t], k=6, ks=(1, 5))
     base_i2t = 100.0 * float((sims.argmax(1) == owner).float().mean())
     assert same["i2t_R@1"] == base_i2t
+
+
+def test_label_positives_group_images_of_a_class_captioned_differently(tiny_model):
+    from mmtransfer.objectives import CaptionObjective, CaptionObjectiveConfig
+
+    texts = ["seven", "the digit 7", "eight", "seven"]
+    tok = tiny_model.tokenize(texts)
+    batch = {**tok, "labels": torch.tensor([7, 7, 8, 7])}
+    by_caption = CaptionObjective(CaptionObjectiveConfig(), use_itm=False).positive_groups(batch)
+    by_label = CaptionObjective(CaptionObjectiveConfig(positives="label"), use_itm=False).positive_groups(batch)
+    assert by_caption[0] == by_caption[3] and by_caption[0] != by_caption[1]
+    assert torch.equal(by_label, batch["labels"])
+    with pytest.raises(ValueError, match="positives=label"):
+        CaptionObjective(CaptionObjectiveConfig(positives="label"), use_itm=False).positive_groups(tok)

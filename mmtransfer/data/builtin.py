@@ -1,4 +1,4 @@
-"""Built-in sets, dispatched by name: the emoji renderings and the digit archives."""
+"""Built-in sets, dispatched by name: the emoji and glyph renderings and the digit archives."""
 
 from __future__ import annotations
 
@@ -46,7 +46,23 @@ DIGIT_SETS: dict[str, DigitSet] = {
 def stage_builtin(config: DataConfig) -> "Staged":
     if config.name in EMOJI_SETS:
         return _stage_emoji(config)
+    if config.name == "glyphs":
+        return _stage_glyphs(config)
     return _stage_digits(config)
+
+
+def _stage_glyphs(config: DataConfig) -> "Staged":
+    from datasets import concatenate_datasets
+
+    from .glyph_sets import GLYPH_SPLITS, build_glyph_set
+    from .sources import Staged
+
+    split = config.split or "train"
+    if split not in (*GLYPH_SPLITS, "all"):
+        raise DataError(f"The built-in set 'glyphs' has no split '{split}'; its splits are: {', '.join(GLYPH_SPLITS)}, all.")
+    dd, _ = build_glyph_set(config)
+    ds = concatenate_datasets([dd[s] for s in GLYPH_SPLITS]) if split == "all" else dd[split]
+    return Staged(ds, config.name, split, [], None, trusted=True)
 
 
 def _stage_emoji(config: DataConfig) -> "Staged":

@@ -66,7 +66,8 @@ class CaptionCollator:
 
     Shapes:
         -> ``pixel_values`` (B, 3, S, S) float32, ``input_ids`` (B, T) int64,
-        ``attention_mask`` (B, T) int64, ``image_index`` (B,) int64 (the rows' ``image_id``).
+        ``attention_mask`` (B, T) int64, ``image_index`` (B,) int64 (the rows' ``image_id``), and
+        ``labels`` (B,) int64 when every row has an integer ``label``.
 
     Example:
         >>> m = mmtransfer.create_model("tiny-random")
@@ -140,12 +141,15 @@ class CaptionCollator:
             max_length=self.max_length,
             return_tensors="pt",
         )
-        return {
+        batch = {
             "pixel_values": pixels,
             "input_ids": enc["input_ids"],  # (B, T)
             "attention_mask": enc["attention_mask"],  # (B, T)
             "image_index": torch.tensor([_row_id(r, i) for i, r in enumerate(rows)], dtype=torch.long),  # (B,)
         }
+        if all(isinstance(r.get("label"), int) for r in rows):  # labelled captions: the class of each image
+            batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)  # (B,)
+        return batch
 
 
 class LabelCollator:

