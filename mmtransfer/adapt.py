@@ -489,10 +489,36 @@ def _apply_domain_loss(
     return loss(f_s, f_t, lambda_)
 
 
-def _log_metrics(transfer: DomainLossOutput | None) -> dict[str, torch.Tensor | float]:
+def _log_metrics(transfer: DomainLossOutput | None, weighted: torch.Tensor | None = None,
+                 total: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
+    """The domain loss's logged numbers; ``domain_share`` = |weight * L_domain| / |L| (how much of the loss it is)."""
     if transfer is None:
         return {}
-    return {"transfer_loss": transfer.loss.detach(), **transfer.metrics()}
+    out = {"transfer_loss": transfer.loss.detach(), **transfer.metrics()}
+    if weighted is not None and total is not None:
+        out["domain_share"] = (weighted.detach().abs() / total.detach().abs().clamp_min(1e-12)).float()
+    return out
+
+
+# Below this mean share of the training loss, method.weight * L_domain barely moves the model
+# (e.g. CORAL on L2-normalised 256-d embeddings is ~1e-7, so weight 1000 adds ~1e-4 to a loss near 1).
+NEGLIGIBLE_DOMAIN_SHARE = 1e-3
+
+
+def domain_share(run_dir: Path) -> float | None:
+    """The mean ``train/domain_share`` over a run's metrics.jsonl (None when not logged)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    values = []
+    for line in path.read_text().splitlines():
+        try:
+            v = json.loads(line).get("train/domain_share")
+        except json.JSONDecodeError:
+            continue
+        if v is not None:
+            values.append(float(v))
+    return sum(values) / len(values) if values else None
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -585,8 +611,9 @@ class ClassifyAdaptTask(nn.Module):
                 transfer = self.domain_loss(f, _domain_ids(src, f.shape[0] - B, self.num_sources), lam)
             else:
                 transfer = _apply_domain_loss(self.domain_loss, self.method.name, f[:B], f[B:], lam, out.logits[:B], out.logits[B:])
-            loss = loss + self.method.weight * transfer.loss
-            metrics.update(_log_metrics(transfer))
+            weighted = self.method.weight * transfer.loss
+            loss = loss + weighted
+            metrics.update(_log_metrics(transfer, weighted, loss))
         return TaskOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
@@ -696,8 +723,9 @@ class MultimodalAdaptTask(nn.Module):
                 transfer = self.domain_loss(f, _domain_ids(src, f.shape[0] - f_s.shape[0], self.num_sources), lam)
             else:
                 transfer = _apply_domain_loss(self.domain_loss, self.method.name, f_s, f_t, lam)
-            loss = loss + self.method.weight * transfer.loss
-            metrics.update(_log_metrics(transfer))
+            weighted = self.method.weight * transfer.loss
+            loss = loss + weighted
+            metrics.update(_log_metrics(transfer, weighted, loss))
         return TaskOutput(loss=loss, metrics=metrics)
 
     def _fused(self, tokens_s: torch.Tensor, tokens_t: torch.Tensor | None, txt_s: Any, zi_t: torch.Tensor | None,
@@ -1504,6 +1532,14 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: TaskFactory | N
         summary["reweight"] = reweight
     if accelerator.is_main_process:
         run_dir = result.run_dir
+        share = domain_share(run_dir) if cfg.method.name != "none" else None
+        if share is not None:
+            summary["domain_share"] = share
+            if share < NEGLIGIBLE_DOMAIN_SHARE:
+                logger.warning(
+                    "method.weight * the %s loss was on average %.2g of the training loss: it barely changed the model "
+                    "(a run without it ends the same). Raise method.weight (the loss's scale depends on the features: "
+                    "log train/transfer_loss) or drop the method.", cfg.method.name, share)
         if after is not None:
             _save_points(after, run_dir / "embeddings_final.npz")
             if before is not None:
@@ -1519,5 +1555,7 @@ def run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: TaskFactory | N
         data = json.loads(path.read_text()) if path.is_file() else {}
         data.update({"metrics": summary["metrics"], "minutes_total": summary["minutes"],
                      "embedding_plot": summary.get("embedding_plot")})
+        if "domain_share" in summary:
+            data["domain_share"] = summary["domain_share"]
         path.write_text(json.dumps(data, indent=2))
     return summary

@@ -230,3 +230,31 @@ def test_render_symbola_into_a_captioned_folder(tmp_path):
     assert img.size == (48, 48) and img.getextrema()[0] < 64  # black ink on a light canvas, not white on white
     first = json.loads((tmp_path / "sym" / "metadata.jsonl").read_text().splitlines()[0])
     assert first["split"] == "unseen" and first["view"] == 0
+
+
+def test_multimodal_coral_across_two_sources_reaches_the_projection(tiny_model):
+    import copy
+
+    model = copy.deepcopy(tiny_model).train()
+    model.freeze("both")
+    task = MultimodalAdaptTask(model, MethodConfig(name="coral", weight=1.0), num_sources=2, with_target=False)
+    tok = model.tokenize(["a red square", "a blue circle", "a green star", "a red square"] * 2)
+    batch = {"source": {"pixel_values": torch.randn(8, 3, 32, 32), **tok, "domain": torch.tensor([0] * 4 + [1] * 4)}}
+    out = task(batch, StepInfo(2, 10))
+    assert float(out.metrics["transfer_loss"]) > 0
+    assert 0 < float(out.metrics["domain_share"]) < 1
+    # The domain term alone moves the image projection.
+    weighted = out.loss - out.metrics["contrastive"]
+    params = [p for p in model.image_projection.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(weighted, params)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_domain_share_is_read_from_the_metrics_log(tmp_path):
+    from mmtransfer.adapt import domain_share
+
+    assert domain_share(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [{"step": 1, "train/domain_share": 1e-4}, {"step": 2, "eval/target_acc": 5.0},
+                                           {"step": 3, "train/domain_share": 3e-4}]) + "\n")
+    assert abs(domain_share(tmp_path) - 2e-4) < 1e-12
