@@ -250,6 +250,22 @@ def test_multimodal_coral_across_two_sources_reaches_the_projection(tiny_model):
     assert any(float(g.abs().sum()) > 0 for g in grads)
 
 
+def test_emoji_dg_coral_recipe_weight_makes_the_loss_count():
+    """CORAL of L2-normalised 256-d embeddings over 32-row batches is ~1e-7: the recipe's weight must lift it
+    to a visible share of a contrastive loss near 1 (weight 1000 left the run identical to pooled training)."""
+    import torch.nn.functional as F
+
+    from mmtransfer.config import load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    method = load_yaml(root / "configs" / "emoji_dg_openmoji_noto_symbola_coral.yaml")["method"]
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(32, 256), dim=1)
+    b = F.normalize(torch.randn(32, 256) * torch.linspace(0.5, 2.0, 256), dim=1)
+    weighted = float(method["weight"]) * float(PairwiseDomainLoss(CORALLoss(), 2)(torch.cat([a, b]), torch.tensor([0] * 32 + [1] * 32)).loss)
+    assert weighted > 1e-2
+
+
 def test_domain_share_is_read_from_the_metrics_log(tmp_path):
     from mmtransfer.adapt import domain_share
 
