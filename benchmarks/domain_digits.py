@@ -58,6 +58,7 @@ REWEIGHT = [
 DG_DIGITS = [
     ("digits_dg_mnist_mnistm_usps_pooled", None),
     ("digits_dg_mnist_mnistm_usps_dann", "digits_dg_mnist_mnistm_usps_pooled"),
+    ("digits_dg_mnist_mnistm_usps_coral", "digits_dg_mnist_mnistm_usps_pooled"),
 ]
 DG_EMOJI = [
     ("emoji_dg_openmoji_noto_symbola_pooled", None),
