@@ -21,6 +21,7 @@ Examples:
   python benchmarks/domain_digits.py --threads 1 --out runs/bench  # one BLAS thread per run (busy shared CPUs)
   python benchmarks/domain_digits.py --suite reweight --threads 1
   python benchmarks/domain_digits.py --suite dg-emoji --threads 1
+  python benchmarks/domain_digits.py --out runs/bench_power05 --recipes digits_mnist_usps_source_only_weighted -- reweight.power=0.5
 """
 
 from __future__ import annotations
@@ -133,6 +134,9 @@ def main() -> None:
     parser.add_argument("--emoji", action="store_true", help="also run the OpenMoji -> Noto recipes")
     runner_arguments(parser, ROOT / "runs" / "bench_domain")
     args = parser.parse_args()
+    if any("=" in r for r in args.recipes or []):
+        # --recipes takes every word after it: "--recipes r key=value" would run a recipe named "key=value".
+        parser.error("key=value overrides after --recipes are read as recipe names: put them before --recipes or after --.")
 
     entries = [tuple(e) + (None,) * (4 - len(e)) for e in SUITES[args.suite] + (EMOJI if args.emoji else [])]
     if args.recipes:

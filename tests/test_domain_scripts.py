@@ -92,3 +92,18 @@ def test_render_font_then_generalise_to_it(tmp_path, run_script):
 def test_render_script_missing_font_is_one_line(tmp_path, run_script):
     proc = run_script("scripts/render_emoji_font.py", str(tmp_path / "none.ttf"), "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benchmark_refuses_overrides_swallowed_by_recipes(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "domain_digits.py"
+    spec = importlib.util.spec_from_file_location("domain_digits_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "run_one", lambda *a, **k: pytest.fail("no run should start"))
+    monkeypatch.setattr("sys.argv", ["domain_digits.py", "--recipes", "digits_mnist_usps_source_only_weighted", "reweight.power=0.5"])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2 and "overrides" in capsys.readouterr().err
