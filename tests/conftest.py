@@ -18,6 +18,16 @@ if "MMTRANSFER_DATA_DIR" not in os.environ and _shared.is_dir():
     os.environ["MMTRANSFER_DATA_DIR"] = str(_shared)
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """Reset Accelerate's process-wide state after the test, so the next one builds its own."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny random preset (2-layer BERT, 2-layer ViT at 32 px), in eval mode."""

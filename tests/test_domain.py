@@ -40,13 +40,8 @@ from mmtransfer.train import OptimConfig, StepInfo, Trainer, TrainConfig
 TINY_LENET = LeNetConfig(channels=[4, 8], image_size=16)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+# Each test starts with no Accelerate state left by the one before (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def _tiny_classifier(**changes) -> ImageClassifier:

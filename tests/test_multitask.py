@@ -27,13 +27,8 @@ from mmtransfer.train import OptimConfig, StepInfo, Trainer, TrainConfig
 from mmtransfer.transfer import LinearHead
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+# Each test starts with no Accelerate state left by the one before (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 # ----------------------------------------------------------------------------- uncertainty weighting

@@ -32,13 +32,8 @@ from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.train import StepInfo
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+# Each test starts with no Accelerate state left by the one before (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def _gaussians(n: int = 2000, seed: int = 0):

@@ -20,13 +20,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), 
            "black": (0, 0, 0), "white": (255, 255, 255), "purple": (140, 20, 160), "orange": (250, 140, 0)}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+# Each test starts with no Accelerate state left by the one before (conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 class ColourPairs(torch.utils.data.Dataset):
