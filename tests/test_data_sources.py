@@ -230,3 +230,48 @@ def test_import_is_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- class selection
+
+
+def _class_folder(root):
+    for cls, n in (("cat", 2), ("dog", 3), ("fox", 1)):
+        for i in range(n):
+            save_image(root / cls / f"{i}.png", color=(40 * i, 80, 120))
+    return root
+
+
+def test_include_and_exclude_classes_keep_label_ids(tmp_path):
+    root = _class_folder(tmp_path / "animals")
+    full = load(root)
+    names = full.features["label"].names
+    only = load(root, include_classes=["dog", "fox"])
+    assert only.features["label"].names == names  # ids stay comparable with the full set
+    assert sorted(names[y] for y in only["label"]) == ["dog", "dog", "dog", "fox"]
+    listed = tmp_path / "held_out.txt"
+    listed.write_text("# held out for zero-shot validation\ndog\n\n")
+    rest = load(root, exclude_classes=str(listed))
+    assert sorted(names[y] for y in rest["label"]) == ["cat", "cat", "fox"]
+    both = load(root, include_classes=["dog", "fox"], exclude_classes=["dog"])
+    assert [names[y] for y in both["label"]] == ["fox"]
+
+
+def test_class_selection_errors_name_the_problem(tmp_path):
+    root = _class_folder(tmp_path / "animals")
+    with pytest.raises(DataError, match=r"include_classes: 1 of 2 names.*'dgo' \(did you mean 'dog'\?\)"):
+        load(root, include_classes=["cat", "dgo"])
+    with pytest.raises(DataError, match="exclude_classes: 'missing.txt' is not a file"):
+        load(root, exclude_classes="missing.txt")
+    with pytest.raises(DataError, match="leave no rows"):
+        load(root, exclude_classes=["cat", "dog", "fox"])
+    with pytest.raises(DataError, match="no label column"):
+        load(caption_folder(tmp_path / "captions"), include_classes=["cat"])
+
+
+def test_class_selection_applies_before_bad_sample_checks(tmp_path):
+    root = _class_folder(tmp_path / "animals")
+    (root / "fox" / "0.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="fox"):
+        load(root)
+    assert len(load(root, exclude_classes=["fox"])) == 5  # the bad image is in a class left out

@@ -80,6 +80,12 @@ class DataConfig:
     # oversized files, not truncation), "none" trusts the files. Built-in sets are
     # generated here and never need it.
     verify: Literal["full", "header", "none"] = "full"
+    # Keep only the rows of these classes (label names): a list, or a text file with one
+    # name per line ("#" starts a comment line). Label ids and names stay as they are.
+    # With exclude_classes, hold some classes out of training and test zero-shot on them.
+    include_classes: list[str] | str | None = None
+    # Leave out the rows of these classes (a list of label names, or such a file).
+    exclude_classes: list[str] | str | None = None
     # Keep only the first N rows of the split (quick experiments); None keeps all.
     max_samples: int | None = None
     # Emoji sets: side of the square canvas in pixels (the encoders resize).

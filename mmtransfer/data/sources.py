@@ -819,8 +819,67 @@ def _progress(total: int, progress: bool | None, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
+def read_name_list(value: list[str] | str, option: str) -> list[str]:
+    """Class names given inline as a list, or as a text file with one name per line ("#": comment)."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    path = Path(value)
+    if not path.is_file():
+        raise DataError(
+            f"{option}: '{value}' is not a file. Give a list of class names, or a text file with one "
+            "name per line (a relative path is read from the working directory)."
+        )
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def select_classes(staged: Staged, config: DataConfig) -> Staged:
+    """Keep the rows of ``include_classes`` and drop those of ``exclude_classes`` (labels unchanged)."""
+    if config.include_classes is None and config.exclude_classes is None:
+        return staged
+    import difflib
+
+    ds = staged.dataset
+    label = ds.features.get("label")
+    if label is None or not hasattr(label, "names"):
+        raise DataError(
+            f"include_classes/exclude_classes select rows by class, but '{staged.source}' has no "
+            "label column with class names; set label_column (and class_names for integer labels)."
+        )
+    ids = {name: i for i, name in enumerate(label.names)}
+
+    def resolve(value: list[str] | str, option: str) -> set[int]:
+        names = read_name_list(value, option)
+        unknown = [n for n in names if n not in ids]
+        if unknown:
+            hints = [f"'{n}'" + (f" (did you mean '{c[0]}'?)" if (c := difflib.get_close_matches(n, list(ids), n=1)) else "")
+                     for n in unknown[:5]]
+            raise DataError(
+                f"{option}: {len(unknown)} of {len(names)} names are not classes of '{staged.source}': "
+                f"{', '.join(hints)}{' ...' if len(unknown) > 5 else ''}. Class names are the label names, "
+                "e.g. " + ", ".join(f"'{n}'" for n in label.names[:3]) + "."
+            )
+        return {ids[n] for n in names}
+
+    keep = resolve(config.include_classes, "include_classes") if config.include_classes is not None else set(ids.values())
+    if config.exclude_classes is not None:
+        keep -= resolve(config.exclude_classes, "exclude_classes")
+    labels = ds["label"]
+    rows = [i for i, y in enumerate(labels) if y in keep]
+    if not rows:
+        raise DataError(f"include_classes/exclude_classes leave no rows of '{staged.source}' (split {staged.split}).")
+    position = {row: j for j, row in enumerate(rows)}
+    problems = [p if p.row is None else dataclasses.replace(p, row=position[p.row]) for p in staged.problems
+                if p.row is None or p.row in position]
+    wheres = [staged.wheres[i] for i in rows] if staged.wheres is not None else None
+    logger.info("Class selection keeps %d of %d rows (%d classes) of '%s'.",
+                len(rows), len(labels), len({labels[i] for i in rows}), staged.source)
+    return Staged(ds.select(rows), staged.source, staged.split, problems, wheres, staged.trusted)
+
+
 def finish(staged: Staged, config: DataConfig, scan: bool = True) -> tuple["Dataset", DataReport]:
-    """Scan, then apply ``on_bad_sample``: the loaded data set and its report."""
+    """Select classes, scan, then apply ``on_bad_sample``: the loaded data set and its report."""
+    staged = select_classes(staged, config)
     ds = staged.dataset
     problems = list(staged.problems)
     if config.max_samples is not None and len(ds) > config.max_samples:
