@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import all_gather_no_grad
 from .evaluate import embed_all, recall_at_k, rerank_recall_at_k
 from .losses import ContrastiveLoss, MatchingLoss
 from .models.multimodal import MultimodalModel
@@ -49,6 +50,12 @@ class CaptionObjectiveConfig:
     # the same class label (for sets that caption a class several ways, e.g. glyphs: "seven",
     # "the digit 7"; needs a label column in the training data).
     positives: Literal["caption", "label"] = "caption"
+    # Semantic soft targets: mix this share of the contrastive targets from the softmax of
+    # the batch captions' cosine similarities in the text tower's own (frozen, unprojected)
+    # space, at soft_target_temperature. Images then keep the text space's neighbourhoods,
+    # which carries to class names never seen in training (README, "Transfer"). 0 disables.
+    soft_targets: float = 0.0
+    soft_target_temperature: float = 0.1
 
 
 def image_features(model: MultimodalModel, batch: dict[str, Any]) -> ImageEncoderOutput:
@@ -86,6 +93,9 @@ class CaptionObjective(nn.Module):
 
     def __init__(self, config: CaptionObjectiveConfig, use_itm: bool) -> None:
         super().__init__()
+        if not 0 <= config.soft_targets <= 1 or config.soft_target_temperature <= 0:
+            raise ValueError("objective.soft_targets must be between 0 and 1 and objective.soft_target_temperature "
+                             f"above 0, got {config.soft_targets} and {config.soft_target_temperature}.")
         self.config = config
         self.use_itm = use_itm
         self.contrastive = ContrastiveLoss()
@@ -105,6 +115,13 @@ class CaptionObjective(nn.Module):
             return batch["labels"]
         return caption_groups(batch["input_ids"], batch["attention_mask"])
 
+    def soft_targets(self, text_pooled: torch.Tensor) -> torch.Tensor:
+        """Softmax over the gathered captions of their similarity to each local caption. Shapes: (B, Dt) -> (B, N)"""
+        with torch.no_grad():
+            t = F.normalize(text_pooled.detach().float(), dim=-1)  # (B, Dt)
+            sim = t @ all_gather_no_grad(t).T  # (B, N)
+            return torch.softmax(sim / self.config.soft_target_temperature, dim=-1)
+
     def forward(self, model: MultimodalModel, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
         img = image_features(model, batch)
         txt = text_features(model, batch)
@@ -112,7 +129,8 @@ class CaptionObjective(nn.Module):
         zt = model.project_text(txt.pooled)  # (B, E)
         scale = model.get_logit_scale()
         groups = self.positive_groups(batch)  # (B,)
-        con = self.contrastive(zi, zt, scale, groups)
+        soft = self.soft_targets(txt.pooled) if self.config.soft_targets > 0 else None
+        con = self.contrastive(zi, zt, scale, groups, soft_targets=soft, soft_weight=self.config.soft_targets)
         loss = self.config.contrastive_weight * con.loss
         metrics: dict[str, torch.Tensor | float] = {
             "contrastive": con.loss.detach(),

@@ -265,3 +265,25 @@ def test_label_positives_group_images_of_a_class_captioned_differently(tiny_mode
     assert torch.equal(by_label, batch["labels"])
     with pytest.raises(ValueError, match="positives=label"):
         CaptionObjective(CaptionObjectiveConfig(positives="label"), use_itm=False).positive_groups(tok)
+
+
+def test_soft_targets_mix_the_text_neighbourhood_into_the_targets():
+    from mmtransfer.objectives import CaptionObjective
+
+    torch.manual_seed(0)
+    images, texts = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    text_pooled = torch.randn(4, 16)
+    objective = CaptionObjective(CaptionObjectiveConfig(soft_targets=0.3, soft_target_temperature=0.1), use_itm=False)
+    soft = objective.soft_targets(text_pooled)
+    t = F.normalize(text_pooled, dim=-1)
+    torch.testing.assert_close(soft, torch.softmax(t @ t.T / 0.1, dim=-1))
+    assert torch.equal(soft.argmax(1), torch.arange(4))  # each caption is its own nearest
+    out = ContrastiveLoss()(images, texts, torch.tensor(5.0), soft_targets=soft, soft_weight=0.3)
+    target = 0.7 * torch.eye(4) + 0.3 * soft
+    logits = 5.0 * images @ texts.T
+    expected = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    torch.testing.assert_close(out.loss, expected)
+    plain = ContrastiveLoss()(images, texts, torch.tensor(5.0))
+    torch.testing.assert_close(ContrastiveLoss()(images, texts, torch.tensor(5.0), soft_targets=soft, soft_weight=0.0).loss, plain.loss)
+    with pytest.raises(ValueError, match="soft_targets must be between 0 and 1"):
+        CaptionObjective(CaptionObjectiveConfig(soft_targets=1.5), use_itm=False)
