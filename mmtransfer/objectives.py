@@ -52,8 +52,9 @@ class CaptionObjectiveConfig:
     positives: Literal["caption", "label"] = "caption"
     # Semantic soft targets: mix this share of the contrastive targets from the softmax of
     # the batch captions' cosine similarities in the text tower's own (frozen, unprojected)
-    # space, at soft_target_temperature. Images then keep the text space's neighbourhoods,
-    # which carries to class names never seen in training (README, "Transfer"). 0 disables.
+    # space, at soft_target_temperature, so that images keep the text space's neighbourhoods
+    # (for class names never seen in training; on OpenMoji's unseen-name validation it is
+    # within noise of plain targets, README "Transfer"). 0 disables.
     soft_targets: float = 0.0
     soft_target_temperature: float = 0.1
 

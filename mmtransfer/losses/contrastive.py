@@ -48,7 +48,7 @@ class ContrastiveLoss(nn.Module):
     similarities in a frozen text space) are mixed into the targets with weight
     ``soft_weight``: an image is then also pulled, a little, towards captions whose
     meaning is close to its own, so its place relative to *other* names follows the
-    text space (what carries to names never seen in training).
+    text space.
 
     Objective:
         L = 1/2 [ CE(s * I T^T, Q) + CE(s * T I^T, Q) ],  s = clamped logit scale,
