@@ -95,19 +95,24 @@ def run_one(recipe: str, seed: int, out: Path, baseline: str | None, threads: in
     if before is not None and before.is_file():
         cmd.append(f"plot.before={before}")
     cmd += extra
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt
-    run_dir.mkdir(parents=True)
     started = time.perf_counter()
-    with open(run_dir.parent / f"seed{seed}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name or recipe} seed {seed} failed (exit {proc.returncode}); see {run_dir.parent / f'seed{seed}.log'}")
+    run_script(cmd, run_dir, run_dir.parent / f"seed{seed}.log", threads, f"{name or recipe} seed {seed}")
     summary = json.loads(summary_path.read_text())
     summary.setdefault("minutes_total", round((time.perf_counter() - started) / 60, 2))
     return summary
+
+
+def run_script(cmd: list[str], run_dir: Path, log_path: Path, threads: int | None, what: str) -> None:
+    """Run one script into a fresh ``run_dir`` (an unfinished earlier attempt is removed), output to ``log_path``."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); see {log_path}")
 
 
 def _stat(values: list[float]) -> str:

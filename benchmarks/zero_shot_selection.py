@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from domain_digits import _stat, run_one, runner_arguments, save_results  # noqa: E402
+from domain_digits import _stat, run_one, run_script, runner_arguments, save_results  # noqa: E402
 
 RECIPE = "openmoji_transfer"
 NAMES = ROOT / "configs" / "openmoji_validation_names.txt"
@@ -91,15 +88,7 @@ def zero_shot(model_dir: Path, out: Path, recipe: str, extra: list[str], threads
         return json.loads(results.read_text())
     cmd = [sys.executable, str(ROOT / "scripts" / "transfer_classify.py"), "--config", str(ROOT / "configs" / f"{recipe}.yaml"),
            f"model={model_dir}", f"train.output_dir={out}", *extra]
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    with open(out / "log.txt", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"zero-shot evaluation failed (exit {proc.returncode}); see {out / 'log.txt'}")
+    run_script(cmd, out, out / "log.txt", threads, f"zero-shot evaluation of {model_dir}")
     return json.loads(results.read_text())
 
 
