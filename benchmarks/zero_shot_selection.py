@@ -55,13 +55,18 @@ VARIANTS = {
     "soft0.2_t0.1": ["objective.soft_targets=0.2", "objective.soft_target_temperature=0.1"],
     "soft1_t0.1": ["objective.soft_targets=1.0", "objective.soft_target_temperature=0.1"],
 }
-# zero-shot evaluations: name -> (recipe of scripts/transfer_classify.py, its overrides)
-VALIDATION_TESTS = {
-    "held-out": ("openmoji_zero_shot", ["data.test.split=all", f"data.test.include_classes={NAMES}"]),
-    # the bare class name, as in training, instead of the 8-template ensemble
-    "held-out, name only": ("openmoji_zero_shot", ["data.test.split=all", f"data.test.include_classes={NAMES}", "method.templates=['{}']"]),
-}
-FINAL_TESTS = {"openmoji unseen": ("openmoji_zero_shot", []), "noto unseen": ("noto_zero_shot", [])}
+
+Tests = dict[str, tuple[str, list[str]]]  # zero-shot evaluations: name -> (recipe of scripts/transfer_classify.py, its overrides)
+
+
+def name_only(tests: Tests) -> Tests:
+    """The same evaluations prompted with the bare class name ('{}', as in training) instead of the 8-template ensemble."""
+    return {f"{t}, name only": (recipe, [*extra, "method.templates=['{}']"]) for t, (recipe, extra) in tests.items()}
+
+
+HELD_OUT_TESTS: Tests = {"held-out": ("openmoji_zero_shot", ["data.test.split=all", f"data.test.include_classes={NAMES}"])}
+VALIDATION_TESTS: Tests = {**HELD_OUT_TESTS, **name_only(HELD_OUT_TESTS)}
+FINAL_TESTS: Tests = {"openmoji unseen": ("openmoji_zero_shot", []), "noto unseen": ("noto_zero_shot", [])}
 
 
 def write_names() -> None:
@@ -113,9 +118,7 @@ def main() -> None:
     if args.final:
         variants, tag = [args.final], "final"
         holdout: list[str] = []
-        tests = FINAL_TESTS
-        if args.name_only:
-            tests = {f"{t}, name only": (r, [*extra, "method.templates=['{}']"]) for t, (r, extra) in FINAL_TESTS.items()}
+        tests = name_only(FINAL_TESTS) if args.name_only else FINAL_TESTS
     else:
         variants, tag = args.variants, "validation"
         holdout = [f"data.{s}.exclude_classes={names}" for s in ("train", "validation", "test")]
