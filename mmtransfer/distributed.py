@@ -13,27 +13,48 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forwards; backwards, the sum over processes of the gathered gradient, sliced to this rank.
+
+    Written out rather than taken from ``torch.distributed.nn.functional.all_gather``:
+    that one backs gloo with an all-to-all that, now and then, aborts the
+    process at exit ("terminate called without an active exception").
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, size = world()
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every process's loss sends gradient to every slice
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every process along dim 0, keeping gradients to every slice.
 
     The backward pass sums the gradients that all processes send to each
     slice, so a loss over the gathered batch trains every process's encoder.
+    Every process must pass the same number of rows.
 
     Shapes:
         (B, ...) on each of W processes -> (W*B, ...)
     """
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every process along dim 0 (no gradients; e.g. ids)."""
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
