@@ -15,6 +15,7 @@ Examples:
   python benchmarks/zero_shot_selection.py --threads 1 --seeds 0                # every variant, validation names
   python benchmarks/zero_shot_selection.py --variants recipe lite2 --seeds 0 1
   python benchmarks/zero_shot_selection.py --final recipe --name-only          # the chosen one, unseen names
+  python benchmarks/zero_shot_selection.py --final recipe --seeds 0 1 2 3 4 5 --ensemble 3   # + ensembles of seeds 0-2, 3-5
   python benchmarks/zero_shot_selection.py --write-names                        # rewrite the names file
 """
 
@@ -54,6 +55,7 @@ VARIANTS = {
     "soft0.5_t0.05": ["objective.soft_targets=0.5", "objective.soft_target_temperature=0.05"],
     "soft0.2_t0.1": ["objective.soft_targets=0.2", "objective.soft_target_temperature=0.1"],
     "soft1_t0.1": ["objective.soft_targets=1.0", "objective.soft_target_temperature=0.1"],
+    "members3": ["model.image_projection_members=3"],
 }
 
 Tests = dict[str, tuple[str, list[str]]]  # zero-shot evaluations: name -> (recipe of scripts/transfer_classify.py, its overrides)
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--final", choices=list(VARIANTS), help="train this variant on every seen name; test on the unseen ones")
     parser.add_argument("--name-only", action="store_true",
                         help="--final: prompt with the bare class name ('{}') instead of the 8-template ensemble")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="K",
+                        help="also evaluate ensembles of K consecutive seeds' runs (scripts/ensemble_models.py), e.g. seeds 0-2, 3-5")
     parser.add_argument("--write-names", action="store_true", help=f"(re)write {NAMES.relative_to(ROOT)} and stop")
     runner_arguments(parser, ROOT / "runs" / "bench_zero_shot")
     args = parser.parse_args()
@@ -123,6 +127,17 @@ def main() -> None:
         variants, tag = args.variants, "validation"
         holdout = [f"data.{s}.exclude_classes={names}" for s in ("train", "validation", "test")]
         tests = VALIDATION_TESTS
+    def evaluate(run: Path, started: float) -> dict[str, tuple[float, float, int]]:
+        scores = {}
+        for test, (recipe, extra) in tests.items():
+            folder = "zero_shot_" + "".join(c if c.isalnum() else "_" for c in test)
+            r = zero_shot(run / "model", run / folder, recipe, extra, args.threads, args.force)
+            scores[test] = (r["zero_shot"]["top1"], r["zero_shot"]["top5"], r["classes"])
+        minutes = (time.perf_counter() - started) / 60
+        print("  " + "  ".join(f"{t}: top-1 {a:.1f} top-5 {b:.1f} ({c} names)" for t, (a, b, c) in scores.items())
+              + f"  {minutes:.1f} min", flush=True)
+        return scores
+
     rows = []
     for variant in variants:
         results = []
@@ -131,17 +146,21 @@ def main() -> None:
             started = time.perf_counter()
             run_one(RECIPE, seed, out / tag, None, args.threads, VARIANTS[variant] + holdout + args.overrides,
                     args.force, name=variant, script="finetune_captions.py")
-            model = out / tag / variant / f"seed{seed}" / "model"
-            scores = {}
-            for test, (recipe, extra) in tests.items():
-                folder = "zero_shot_" + "".join(c if c.isalnum() else "_" for c in test)
-                r = zero_shot(model, out / tag / variant / f"seed{seed}" / folder, recipe, extra, args.threads, args.force)
-                scores[test] = (r["zero_shot"]["top1"], r["zero_shot"]["top5"], r["classes"])
-            minutes = (time.perf_counter() - started) / 60
-            results.append(scores)
-            print("  " + "  ".join(f"{t}: top-1 {a:.1f} top-5 {b:.1f} ({c} names)" for t, (a, b, c) in scores.items())
-                  + f"  {minutes:.1f} min", flush=True)
+            results.append(evaluate(out / tag / variant / f"seed{seed}", started))
         rows.append((variant, results))
+        if args.ensemble > 1:
+            groups = [args.seeds[i:i + args.ensemble] for i in range(0, len(args.seeds) - args.ensemble + 1, args.ensemble)]
+            ensembles = []
+            for group in groups:
+                print(f"{variant} ensemble of seeds {group} ({tag})", flush=True)
+                started = time.perf_counter()
+                run = out / tag / variant / ("ensemble_seeds" + "-".join(map(str, group)))
+                if not (run / "model" / "config.json").is_file() or args.force:
+                    cmd = [sys.executable, str(ROOT / "scripts" / "ensemble_models.py"),
+                           *[str(out / tag / variant / f"seed{s}" / "model") for s in group], "--out", str(run / "model")]
+                    run_script(cmd, run, out / tag / variant / f"{run.name}.log", args.threads, f"ensemble of seeds {group}")
+                ensembles.append(evaluate(run, started))
+            rows.append((f"{variant}, ensembles of {args.ensemble} seeds", ensembles))
 
     cols = [(t, k) for t in tests for k in ("top-1", "top-5")]
     lines = ["| variant | " + " | ".join(f"{t} {k}" for t, k in cols) + " |", "|---|" + "---:|" * len(cols)]

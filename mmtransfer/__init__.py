@@ -37,6 +37,7 @@ __all__ = [
     "UnknownModelError",
     "create_model",
     "describe_models",
+    "ensemble",
     "list_models",
     "load",
 ]
@@ -68,6 +69,20 @@ def create_model(name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_
     else:
         raise TypeError(f"create_model takes a preset name, a ModelConfig or a dict, not {type(name_or_config).__name__}.")
     return MultimodalModel.from_config(config, pretrained=pretrained)
+
+
+def ensemble(models: "list[MultimodalModel]") -> "MultimodalModel":
+    """One model averaging the image projections of separately trained ones (same towers and text side).
+
+    See :func:`mmtransfer.models.multimodal.ensemble_image_projections`; ``scripts/ensemble_models.py``
+    does the same for saved model folders.
+
+    Example:
+        >>> model = ensemble([load(f"runs/seed{s}/model") for s in range(3)])
+    """
+    from .models.multimodal import ensemble_image_projections
+
+    return ensemble_image_projections(models)
 
 
 def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "MultimodalModel | ImageClassifier":

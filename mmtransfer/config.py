@@ -104,6 +104,12 @@ class ModelConfig:
     # Dropout on the input and hidden layer of MLP projections (a regulariser when few
     # images train them).
     projection_dropout: float = 0.0
+    # Independently initialised image projections (a deep ensemble of the projection
+    # head). An image's embedding is the mean of their normalised outputs; the caption
+    # objective trains each on its own contrastive loss. The members share the image tower,
+    # so with cached tower features K members cost about K times the projection's steps
+    # and nothing more. Helps zero-shot transfer to unseen names (README, "Transfer").
+    image_projection_members: int = 1
     # Initial softmax temperature of the contrastive logits (CLIP uses 0.07).
     init_temperature: float = 0.07
     # The learnable logit scale 1/temperature is clamped to at most this value.

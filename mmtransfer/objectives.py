@@ -126,20 +126,22 @@ class CaptionObjective(nn.Module):
     def forward(self, model: MultimodalModel, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
         img = image_features(model, batch)
         txt = text_features(model, batch)
-        zi = model.project_image(img.pooled)  # (B, E)
+        members = model.project_image_members(img.pooled)  # (K, B, E): K image projections, each with its own loss
         zt = model.project_text(txt.pooled)  # (B, E)
         scale = model.get_logit_scale()
         groups = self.positive_groups(batch)  # (B,)
         soft = self.soft_targets(txt.pooled) if self.config.soft_targets > 0 else None
-        con = self.contrastive(zi, zt, scale, groups, soft_targets=soft, soft_weight=self.config.soft_targets)
-        loss = self.config.contrastive_weight * con.loss
+        cons = [self.contrastive(zi, zt, scale, groups, soft_targets=soft, soft_weight=self.config.soft_targets) for zi in members]
+        con_loss = torch.stack([c.loss for c in cons]).mean()
+        loss = self.config.contrastive_weight * con_loss
         metrics: dict[str, torch.Tensor | float] = {
-            "contrastive": con.loss.detach(),
-            "acc_i2t": con.accuracy_i2t,
-            "acc_t2i": con.accuracy_t2i,
+            "contrastive": con_loss.detach(),
+            "acc_i2t": torch.stack([c.accuracy_i2t for c in cons]).float().mean(),
+            "acc_t2i": torch.stack([c.accuracy_t2i for c in cons]).float().mean(),
             "logit_scale": scale.detach(),
         }
         if self.use_itm:
+            zi = F.normalize(members.mean(0), dim=-1)  # (B, E): the model's image embedding
             sim = (zi @ zt.T).detach() * scale.detach()  # (B, B) local pairs
             fusion = model.fusion
             # Project tokens to the fusion width once; the matching loss indexes them three ways.

@@ -282,6 +282,65 @@ def test_per_tower_projections_none_keeps_the_sentence_space(tmp_path):
         mmtransfer.create_model(_tiny_config(text_projection="none", embed_dim=16))
 
 
+def test_image_projection_members_average_their_normalised_outputs(tmp_path):
+    cfg = _tiny_config(image_projection="mlp", image_projection_members=3, embed_dim=16)
+    model = mmtransfer.create_model(cfg).eval()
+    x = torch.randn(5, model.image_encoder.width)
+    with torch.no_grad():
+        members = model.project_image_members(x)
+        assert members.shape == (3, 5, 16)
+        torch.testing.assert_close(members.norm(dim=-1), torch.ones(3, 5))
+        # The members start apart, and the embedding is the normalised mean of their outputs.
+        assert not torch.allclose(members[0], members[1])
+        torch.testing.assert_close(model.project_image(x), torch.nn.functional.normalize(members.mean(0), dim=-1))
+        model.save_pretrained(tmp_path / "m")
+        torch.testing.assert_close(mmtransfer.load(str(tmp_path / "m")).project_image(x), model.project_image(x))
+    # One member is the plain projection.
+    single = mmtransfer.create_model(_tiny_config(embed_dim=16)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(single.project_image_members(x)[0], single.project_image(x))
+    with pytest.raises(ValueError, match="at least 1"):
+        mmtransfer.create_model(_tiny_config(image_projection_members=0))
+    with pytest.raises(ValueError, match="'linear' or 'mlp'"):
+        mmtransfer.create_model(_tiny_config(image_projection="none", image_projection_members=2))
+
+
+def test_ensemble_of_separately_trained_models_averages_their_image_embeddings(tmp_path, run_script):
+    import copy
+
+    cfg = _tiny_config(text_projection="none", image_projection="mlp", embed_dim=64)
+    torch.manual_seed(0)
+    a = mmtransfer.create_model(cfg).eval()
+    b = copy.deepcopy(a)  # the same towers and text side; its own image projection and temperature
+    for p in b.image_projection.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        b.logit_scale.add_(1.0)
+    merged = mmtransfer.ensemble([a, b])
+    x, texts = torch.randn(3, 3, 32, 32), ["a red apple", "a blue car"]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(a.encode_image(x) + b.encode_image(x), dim=-1)
+        torch.testing.assert_close(merged.encode_image(x), expected)
+        torch.testing.assert_close(merged.encode_text(texts), a.encode_text(texts))
+        torch.testing.assert_close(merged.logit_scale, (a.logit_scale + b.logit_scale) / 2)
+    assert merged.config.image_projection_members == 2
+    # Ensembles flatten: adding a third model gives three equal members.
+    assert mmtransfer.ensemble([merged, copy.deepcopy(a)]).config.image_projection_members == 3
+    # Models whose towers differ cannot share them.
+    with pytest.raises(ValueError, match="text_encoder.*only the image projection"):
+        mmtransfer.ensemble([a, mmtransfer.create_model(cfg)])
+    with pytest.raises(ValueError, match="at least two"):
+        mmtransfer.ensemble([a])
+    # The script does the same for saved folders, and the result loads as an ordinary model.
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    run_script("scripts/ensemble_models.py", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ens"))
+    with torch.no_grad():
+        torch.testing.assert_close(mmtransfer.load(str(tmp_path / "ens")).encode_image(x), expected)
+    bad = run_script("scripts/ensemble_models.py", str(tmp_path / "a"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_create_model_from_dict_and_unknown_key():
     model = mmtransfer.create_model(dataclasses.asdict(_tiny_config(embed_dim=16)))
     assert model.encode_text(["x"]).shape == (1, 16)

@@ -287,3 +287,27 @@ def test_soft_targets_mix_the_text_neighbourhood_into_the_targets():
     torch.testing.assert_close(ContrastiveLoss()(images, texts, torch.tensor(5.0), soft_targets=soft, soft_weight=0.0).loss, plain.loss)
     with pytest.raises(ValueError, match="soft_targets must be between 0 and 1"):
         CaptionObjective(CaptionObjectiveConfig(soft_targets=1.5), use_itm=False)
+
+
+def test_each_image_projection_member_trains_on_its_own_loss():
+    import dataclasses
+
+    import mmtransfer
+    from mmtransfer.objectives import CaptionObjective
+    from mmtransfer.registry import get_preset
+    from mmtransfer.train import StepInfo
+
+    torch.manual_seed(0)
+    model = mmtransfer.create_model(dataclasses.replace(get_preset("tiny-random"), image_projection="mlp", image_projection_members=2)).eval()  # no dropout
+    texts = ["a red apple", "a blue car", "a green tree", "a yellow sun"]
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), **model.tokenize(texts)}
+    plain = CaptionObjective(CaptionObjectiveConfig(), use_itm=False)
+    out = plain(model, batch, StepInfo(0, 10))
+    with torch.no_grad():
+        img = model.image_encoder(batch["pixel_values"]).pooled
+        zt = model.project_text(model.text_features(batch).pooled)
+        members = model.project_image_members(img)
+        per_member = [ContrastiveLoss()(z, zt, model.get_logit_scale()).loss for z in members]
+    torch.testing.assert_close(out.loss.detach(), torch.stack(per_member).mean())
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_projection.parameters())

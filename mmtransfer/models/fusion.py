@@ -53,6 +53,39 @@ class Projection(nn.Module):
         return last(self.dropout(act(first(self.dropout(x)))))
 
 
+class ProjectionEnsemble(nn.Module):
+    """K independently initialised projections; the output is the mean of their normalised outputs.
+
+    A deep ensemble of the projection head: the members start apart and, each
+    trained on its own loss (:meth:`members`), make partly independent errors
+    that the mean averages out. The output is not unit length; normalise it
+    as any projection's output.
+
+    Shapes:
+        (B, D_in) -> (B, E); members: (B, D_in) -> (K, B, E) normalised.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str, dropout: float, members: int) -> None:
+        super().__init__()
+        if kind == "none":
+            raise ValueError("image_projection_members > 1 needs a trained projection ('linear' or 'mlp'), not 'none'.")
+        self.projections = nn.ModuleList(Projection(in_dim, out_dim, kind, dropout) for _ in range(members))
+
+    @classmethod
+    def of(cls, projections: list[Projection]) -> "ProjectionEnsemble":
+        """An ensemble of existing (trained) projections, kept as they are."""
+        ensemble = cls.__new__(cls)
+        nn.Module.__init__(ensemble)
+        ensemble.projections = nn.ModuleList(projections)
+        return ensemble
+
+    def members(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.normalize(p(x), dim=-1) for p in self.projections])  # (K, B, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.members(x).mean(0)  # (B, E)
+
+
 class Attention(nn.Module):
     """Multi-head attention of queries ``x`` over ``context``, with a key padding mask.
 

@@ -10,6 +10,7 @@ temperature, clamped to ``config.max_logit_scale``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
 from .common import count_parameters, freeze, keep_frozen_norms_in_eval
-from .fusion import Fusion, Projection
+from .fusion import Fusion, Projection, ProjectionEnsemble
 from .image import ImageEncoder
 from .outputs import FusionOutput, ImageEncoderOutput, MultimodalOutput, TextEncoderOutput
 from .preprocess import ImagePreprocessor
@@ -68,7 +69,13 @@ class MultimodalModel(nn.Module):
         E = config.embed_dim
         drop = config.projection_dropout
         self.text_projection = Projection(text_encoder.width, E, config.text_projection or config.projection, drop)
-        self.image_projection = Projection(image_encoder.width, E, config.image_projection or config.projection, drop)
+        image_kind, members = config.image_projection or config.projection, config.image_projection_members
+        if members < 1:
+            raise ValueError(f"image_projection_members must be at least 1, got {members}.")
+        self.image_projection: nn.Module = (
+            Projection(image_encoder.width, E, image_kind, drop) if members == 1
+            else ProjectionEnsemble(image_encoder.width, E, image_kind, drop, members)
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.fusion = (
             Fusion(config.fusion, text_encoder.width, image_encoder.width, config.fusion.width or E)
@@ -150,6 +157,12 @@ class MultimodalModel(nn.Module):
         """(B, Di) pooled image features -> (B, E) shared-space embeddings."""
         z = self.image_projection(pooled)
         return F.normalize(z, dim=-1) if normalize else z
+
+    def project_image_members(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, Di) -> (K, B, E) normalised embeddings of each of the K image projections (K = 1 without an ensemble)."""
+        if isinstance(self.image_projection, ProjectionEnsemble):
+            return self.image_projection.members(pooled)
+        return self.project_image(pooled)[None]
 
     def encode_text(
         self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None
@@ -328,3 +341,54 @@ class MultimodalModel(nn.Module):
         model = cls(config, TextEncoder.from_saved(config.text, directory), ImageEncoder.from_saved(config.image, directory))
         load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(map_location))
         return model.eval()
+
+
+def ensemble_image_projections(models: Sequence[MultimodalModel]) -> MultimodalModel:
+    """One model whose image projection is the ensemble of the image projections of ``models``.
+
+    For models trained apart (e.g. the same recipe with different seeds) on the
+    same frozen towers and text side: everything but the image projection and the
+    temperature must be identical, which holds when the towers were frozen and the
+    text projection is "none" (``configs/openmoji_transfer.yaml``). An image's
+    embedding is then the mean of every member's normalised embedding (members of
+    ensembles count one by one); the logit scale is the geometric mean of theirs.
+    Separately trained members differ more than those trained together in one run
+    (``image_projection_members``), and their ensemble gains more (README, "Transfer").
+
+    Example:
+        >>> runs = [mmtransfer.load(f"runs/transfer_seed{s}/model") for s in range(3)]
+        >>> ensemble_image_projections(runs).save_pretrained("runs/transfer_ensemble")
+    """
+    if len(models) < 2:
+        raise ValueError(f"An ensemble needs at least two models, got {len(models)}.")
+    first = models[0]
+
+    def shared_config(m: MultimodalModel) -> dict[str, Any]:
+        return {k: v for k, v in to_dict(m.config).items() if k != "image_projection_members"}
+
+    def shared_state(m: MultimodalModel) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in m.state_dict().items() if not k.startswith("image_projection.") and k != "logit_scale"}
+
+    reference = shared_state(first)
+    for i, m in enumerate(models[1:], start=1):
+        if shared_config(m) != shared_config(first):
+            diff = sorted(k for k, v in shared_config(m).items() if shared_config(first).get(k) != v)
+            raise ValueError(f"Model {i} is configured differently from model 0 ({', '.join(diff)}): "
+                             "ensemble models of one recipe that differ only in their seed.")
+        differing = sorted({k.split(".")[0] for k, v in shared_state(m).items() if not torch.equal(v, reference[k])})
+        if differing:
+            raise ValueError(
+                f"Model {i} differs from model 0 in {', '.join(differing)}, not only in its image projection: only the image "
+                "projection is ensembled. Train with frozen towers (freeze.text/freeze.image), text_projection=none and "
+                "no fusion layer (fusion.num_layers=0), as configs/openmoji_transfer.yaml does."
+            )
+    members: list[Projection] = []
+    for m in models:
+        proj = m.image_projection
+        members += list(proj.projections) if isinstance(proj, ProjectionEnsemble) else [proj]
+    merged = copy.deepcopy(first)
+    merged.config = replace(first.config, image_projection_members=len(members))
+    merged.image_projection = ProjectionEnsemble.of([copy.deepcopy(p) for p in members])
+    with torch.no_grad():
+        merged.logit_scale.copy_(torch.stack([m.logit_scale.detach() for m in models]).mean())
+    return merged.eval()
