@@ -127,6 +127,7 @@ def main() -> None:
         variants, tag = args.variants, "validation"
         holdout = [f"data.{s}.exclude_classes={names}" for s in ("train", "validation", "test")]
         tests = VALIDATION_TESTS
+
     def evaluate(run: Path, started: float) -> dict[str, tuple[float, float, int]]:
         scores = {}
         for test, (recipe, extra) in tests.items():
