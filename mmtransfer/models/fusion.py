@@ -54,7 +54,7 @@ class Projection(nn.Module):
 
 
 class ProjectionEnsemble(nn.Module):
-    """K independently initialised projections; the output is the mean of their normalised outputs.
+    """K projections (initialised apart, or trained apart); the output is the mean of their normalised outputs.
 
     A deep ensemble of the projection head: the members start apart and, each
     trained on its own loss (:meth:`members`), make partly independent errors
@@ -65,19 +65,9 @@ class ProjectionEnsemble(nn.Module):
         (B, D_in) -> (B, E); members: (B, D_in) -> (K, B, E) normalised.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str, dropout: float, members: int) -> None:
+    def __init__(self, projections: list[Projection]) -> None:
         super().__init__()
-        if kind == "none":
-            raise ValueError("image_projection_members > 1 needs a trained projection ('linear' or 'mlp'), not 'none'.")
-        self.projections = nn.ModuleList(Projection(in_dim, out_dim, kind, dropout) for _ in range(members))
-
-    @classmethod
-    def of(cls, projections: list[Projection]) -> "ProjectionEnsemble":
-        """An ensemble of existing (trained) projections, kept as they are."""
-        ensemble = cls.__new__(cls)
-        nn.Module.__init__(ensemble)
-        ensemble.projections = nn.ModuleList(projections)
-        return ensemble
+        self.projections = nn.ModuleList(projections)
 
     def members(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([F.normalize(p(x), dim=-1) for p in self.projections])  # (K, B, E)

@@ -72,10 +72,10 @@ class MultimodalModel(nn.Module):
         image_kind, members = config.image_projection or config.projection, config.image_projection_members
         if members < 1:
             raise ValueError(f"image_projection_members must be at least 1, got {members}.")
-        self.image_projection: nn.Module = (
-            Projection(image_encoder.width, E, image_kind, drop) if members == 1
-            else ProjectionEnsemble(image_encoder.width, E, image_kind, drop, members)
-        )
+        if members > 1 and image_kind == "none":
+            raise ValueError("image_projection_members > 1 needs a trained projection ('linear' or 'mlp'), not 'none'.")
+        projections = [Projection(image_encoder.width, E, image_kind, drop) for _ in range(members)]
+        self.image_projection: nn.Module = projections[0] if members == 1 else ProjectionEnsemble(projections)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.fusion = (
             Fusion(config.fusion, text_encoder.width, image_encoder.width, config.fusion.width or E)
@@ -369,10 +369,10 @@ def ensemble_image_projections(models: Sequence[MultimodalModel]) -> MultimodalM
     def shared_state(m: MultimodalModel) -> dict[str, torch.Tensor]:
         return {k: v for k, v in m.state_dict().items() if not k.startswith("image_projection.") and k != "logit_scale"}
 
-    reference = shared_state(first)
+    config, reference = shared_config(first), shared_state(first)
     for i, m in enumerate(models[1:], start=1):
-        if shared_config(m) != shared_config(first):
-            diff = sorted(k for k, v in shared_config(m).items() if shared_config(first).get(k) != v)
+        if (other := shared_config(m)) != config:
+            diff = sorted(k for k, v in other.items() if config.get(k) != v)
             raise ValueError(f"Model {i} is configured differently from model 0 ({', '.join(diff)}): "
                              "ensemble models of one recipe that differ only in their seed.")
         differing = sorted({k.split(".")[0] for k, v in shared_state(m).items() if not torch.equal(v, reference[k])})
@@ -388,7 +388,7 @@ def ensemble_image_projections(models: Sequence[MultimodalModel]) -> MultimodalM
         members += list(proj.projections) if isinstance(proj, ProjectionEnsemble) else [proj]
     merged = copy.deepcopy(first)
     merged.config = replace(first.config, image_projection_members=len(members))
-    merged.image_projection = ProjectionEnsemble.of([copy.deepcopy(p) for p in members])
+    merged.image_projection = ProjectionEnsemble([copy.deepcopy(p) for p in members])
     with torch.no_grad():
         merged.logit_scale.copy_(torch.stack([m.logit_scale.detach() for m in models]).mean())
     return merged.eval()
