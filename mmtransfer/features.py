@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .data.collate import caption_group, check_templates, templated
+
 logger = logging.getLogger(__name__)
 
 
@@ -207,7 +209,8 @@ class CachedCaptionCollator:
 
     Items may also be ``(position, draw)`` pairs, where ``draw`` is a random
     integer chosen by the sampler: in training, the copy is ``draw % copies``
-    and the caption ``(draw // copies) % captions``, so a batch is a pure function
+    and the caption ``(draw // copies) % forms`` (forms: its captions, times the
+    templates when there are any), so a batch is a pure function
     of its items and a resumed run draws exactly what an uninterrupted one does
     (see :class:`~mmtransfer.multitask.MixedBatchSampler`).
 
@@ -220,10 +223,13 @@ class CachedCaptionCollator:
         tokenizer, max_length: tokenise captions when ``text_feats`` is None.
         train: pick captions at random.
         labels: per image, its class label (added to batches as ``labels``), or None.
+        templates: prompt templates; in training each caption is drawn in one of
+            their forms (cached text must hold every form: :func:`~mmtransfer.data.collate.templated`).
 
     Shapes:
         -> image_pooled (B, Di), image_tokens (B, P, Di), input_ids and attention_mask (B, T),
-        with cached text: text_pooled (B, Dt), text_tokens (B, T, Dt), with labels: labels (B,).
+        with cached text: text_pooled (B, Dt), text_tokens (B, T, Dt), with labels: labels (B,),
+        with templates in training: caption_group (B,) (the caption before templating).
     """
 
     def __init__(
@@ -237,6 +243,7 @@ class CachedCaptionCollator:
         train: bool = False,
         seed: int = 0,
         labels: Sequence[int] | None = None,
+        templates: Sequence[str] | None = None,
     ) -> None:
         if text_feats is None and tokenizer is None:
             raise ValueError("Give either cached text features or a tokenizer.")
@@ -252,13 +259,18 @@ class CachedCaptionCollator:
         self.train = train
         self.rng = random.Random(seed)
         self.labels = None if labels is None else torch.as_tensor(list(labels), dtype=torch.long)
+        self.templates = check_templates(templates) if train else None
 
-    def _pick(self, caps: list[str], draw: int | None = None) -> str:
-        if not self.train or len(caps) == 1:
-            return caps[0]
-        if draw is not None:
-            return caps[(draw // len(self.copies)) % len(caps)]
-        return caps[self.rng.randrange(len(caps))]
+    def _pick(self, caps: list[str], draw: int | None = None) -> tuple[str, str]:
+        """(text, caption): the caption drawn, in its drawn template's form."""
+        forms = templated(caps, self.templates)
+        if not self.train or len(forms) == 1:
+            i = 0
+        elif draw is not None:
+            i = (draw // len(self.copies)) % len(forms)
+        else:
+            i = self.rng.randrange(len(forms))
+        return forms[i], caps[i // len(self.templates)] if self.templates else forms[i]
 
     def _images(self, idx: torch.Tensor, draws: list[int] | None = None) -> dict[str, torch.Tensor]:
         """image_pooled (B, Di) and image_tokens (B, P, Di), each item from its drawn copy."""
@@ -286,12 +298,14 @@ class CachedCaptionCollator:
         if positions and isinstance(positions[0], (tuple, list)):
             positions, draws = [int(p) for p, _ in positions], [int(d) for _, d in positions]
         idx = torch.as_tensor(positions, dtype=torch.long)  # (B,)
-        texts = [self._pick(self.captions[p], None if draws is None else draws[i]) for i, p in enumerate(positions)]
+        texts, captions = zip(*[self._pick(self.captions[p], None if draws is None else draws[i]) for i, p in enumerate(positions)])
         batch = {"image_index": idx, **self._images(idx, draws)}
         if self.labels is not None:
             batch["labels"] = self.labels[idx]  # (B,)
+        if self.templates:  # templated forms of one caption are positives of each other
+            batch["caption_group"] = torch.as_tensor([caption_group(c) for c in captions], dtype=torch.long)  # (B,)
         if self.text_feats is None:
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
             batch.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])  # (B, T)
             return batch
         t = torch.as_tensor([self.text_rows[c] for c in texts], dtype=torch.long)  # (B,)

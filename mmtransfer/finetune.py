@@ -10,11 +10,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .data.config import DataConfig
 from .models.preprocess import AugmentConfig
 from .multitask import TasksConfig
@@ -50,6 +50,11 @@ class CaptionDataSection:
     # Train-time augmentation. With a trainable image tower it is applied every step;
     # with a frozen one it needs augmented_copies > 0 to keep the feature cache.
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Prompt templates for the training captions, '{}' marking the caption (["{}", "an emoji
+    # of {}."]), or "default" for the zero-shot classifier's own (mmtransfer.transfer.
+    # DEFAULT_TEMPLATES): every step draws each caption in one of them, so the image side
+    # learns the prompts that zero-shot classification will ask with. None: captions as written.
+    caption_templates: list[str] | str | None = None
     # Compute frozen towers once and reuse their features every step.
     cache_features: bool = True
     # With a frozen image tower and `augment` on: also cache this many augmented
@@ -84,6 +89,27 @@ class FinetuneConfig:
     tasks: TasksConfig | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/finetune_captions"))
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def caption_templates(section: CaptionDataSection) -> tuple[str, ...] | None:
+    """``data.caption_templates`` resolved ("default": the zero-shot templates) and checked."""
+    from .data.collate import check_templates
+    from .transfer import DEFAULT_TEMPLATES
+
+    value = section.caption_templates
+    if value == "default":
+        return tuple(DEFAULT_TEMPLATES)
+    try:
+        return check_templates(value, "data.caption_templates")
+    except ValueError as err:
+        raise ConfigError(f'{err} Or use data.caption_templates=default for the zero-shot templates.') from None
+
+
+def caption_texts(splits: dict[str, "_Split"], templates: Sequence[str] | None, train: str = "train") -> list[str]:
+    """Every text the caption splits can feed the text tower: the training split's in each template's form."""
+    from .data.collate import templated
+
+    return [t for name, s in splits.items() for caps in s.captions for t in templated(caps, templates if name == train else None)]
 
 
 def _captions(dataset: Any) -> list[list[str]]:
@@ -217,7 +243,7 @@ def cache_text_features(model: Any, texts: Any, plan: FeaturePlan, progress: boo
 
 
 def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
-                     train: bool, seed: int) -> Any:
+                     train: bool, seed: int, templates: Sequence[str] | None = None) -> Any:
     """Positions (or ``(position, draw)`` pairs) of ``split`` -> caption batches from its cached image features."""
     from .features import CachedCaptionCollator
 
@@ -225,7 +251,7 @@ def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: A
     labels = split.dataset["label"] if "label" in split.dataset.column_names else None
     labels = None if labels is None or None in labels else labels  # (N,) class ids, only when every row has one
     return CachedCaptionCollator(feats, split.captions, text_cache, text_rows, model.tokenizer,
-                                 model.text_encoder.config.max_length, train=train, seed=seed, labels=labels)
+                                 model.text_encoder.config.max_length, train=train, seed=seed, labels=labels, templates=templates)
 
 
 def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
@@ -281,6 +307,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         from .multitask import run as run_multitask
 
         return run_multitask(cfg, fast_dev_run)
+    templates = caption_templates(cfg.data)
     if fast_dev_run:
         fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 64)
         cfg.train.batch_size = min(cfg.train.batch_size, 16)
@@ -313,18 +340,19 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
             for split in splits.values():
                 cache_image_features(model, split, plan, cfg.data.augment, cfg.train.seed, bs, progress, train=split is train_split)
             if plan.text_frozen:
-                text_cache, text_rows = cache_text_features(model, (c for s in splits.values() for caps in s.captions for c in caps),
-                                                            plan, progress)
+                text_cache, text_rows = cache_text_features(model, caption_texts(splits, templates), plan, progress)
         logger.info("Frozen towers: training on cached features (image%s%s).", " and text" if text_cache else "",
                     f", {plan.copies} augmented cop{'y' if plan.copies == 1 else 'ies'} of the training images" if plan.copies else "")
 
     if plan.cache:
         train_loader = torch.utils.data.DataLoader(
             list(range(len(train_split.dataset))), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-            collate_fn=caption_collator(model, train_split, plan, text_cache, text_rows, train=True, seed=cfg.train.seed),
+            collate_fn=caption_collator(model, train_split, plan, text_cache, text_rows, train=True, seed=cfg.train.seed,
+                                        templates=templates),
         )
     else:
-        collate = mmdata.CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=cfg.train.seed)
+        collate = mmdata.CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=cfg.train.seed,
+                                                    templates=templates)
         train_loader = mmdata.make_loader(train_split.dataset, collate, cfg.train.batch_size, shuffle=True,
                                           seed=cfg.train.seed, num_workers=cfg.train.num_workers, drop_last=True)
     if len(train_loader) == 0:

@@ -723,6 +723,8 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
         cache_image_features,
         cache_text_features,
         caption_collator,
+        caption_templates,
+        caption_texts,
         feature_plan,
         load_split,
         retrieval_loaders,
@@ -734,6 +736,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
 
     t = cfg.tasks
     method = _check(cfg)
+    templates = caption_templates(cfg.data)
     if fast_dev_run:
         _fast_dev(cfg)
     started = time.perf_counter()
@@ -771,7 +774,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
     bs = cfg.data.eval_batch_size
     caption_splits = {"train", "validation", "test"}
     training = {"train", "labels/train", "domain/target"}
-    texts = [c for n, s in splits.items() if n in caption_splits for caps in s.captions for c in caps]
+    texts = caption_texts({n: s for n, s in splits.items() if n in caption_splits}, templates)
     texts += [p for cs in (classes, zero_shot) if cs is not None for p in cs.prompts(t.templates)]
     text_cache, text_rows = None, {}
     model.to(accelerator.device)
@@ -827,7 +830,8 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
     pre = model.preprocessor
     if plan.cache:
         if "captions" in enabled:
-            collators["captions"] = caption_collator(model, splits["train"], plan, text_cache, text_rows, train=True, seed=seed)
+            collators["captions"] = caption_collator(model, splits["train"], plan, text_cache, text_rows, train=True, seed=seed,
+                                                     templates=templates)
         for k, lookup in (("labels", classes.lookup if classes else None), ("domain", None)):
             if k in enabled:
                 s = splits[train_names[k]]
@@ -836,7 +840,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
     else:
         aug = cfg.data.augment
         if "captions" in enabled:
-            collators["captions"] = mmdata.CaptionCollator.from_model(model, train=True, augment=aug, seed=seed)
+            collators["captions"] = mmdata.CaptionCollator.from_model(model, train=True, augment=aug, seed=seed, templates=templates)
         if "labels" in enabled:
             collators["labels"] = _LabelRows(mmdata.ImageCollator(pre.with_augment(aug)), classes.lookup)
         if "domain" in enabled:

@@ -46,7 +46,8 @@ class CaptionObjectiveConfig:
     # Image-text matching through the fusion layer with hard negatives (0 disables fusion training).
     itm_weight: float = 1.0
     # Which pairs of a batch count as positives of each other besides each image and its own
-    # caption: "caption" = pairs with the same caption text; "label" = pairs whose images have
+    # caption: "caption" = pairs with the same caption text (before data.caption_templates
+    # put it in a template's words); "label" = pairs whose images have
     # the same class label (for sets that caption a class several ways, e.g. glyphs: "seven",
     # "the digit 7"; needs a label column in the training data).
     positives: Literal["caption", "label"] = "caption"
@@ -114,6 +115,8 @@ class CaptionObjective(nn.Module):
                 raise ValueError("objective.positives=label needs class labels in the training batches: "
                                  "the training data has no integer 'label' column.")
             return batch["labels"]
+        if "caption_group" in batch:  # templated captions: grouped by the caption before templating
+            return batch["caption_group"]
         return caption_groups(batch["input_ids"], batch["attention_mask"])
 
     def soft_targets(self, text_pooled: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,28 @@ def test_training_picks_random_captions_deterministically(tok, captioned):
     assert any(torch.any(torch.tensor(p) != firsts) for p in picks(0))  # not always the first caption
 
 
+def test_templates_put_training_captions_in_prompt_form_and_group_them(tok, captioned):
+    rows = [{**captioned[i], "captions": captioned[i]["captions"][:2]} for i in range(12)]
+    templates = ["{}", "an emoji of {}."]
+    collate = CaptionCollator(tok, preprocessor(32), max_length=32, train=True, templates=templates)
+    texts, groups = set(), {}
+    for _ in range(6):
+        batch = collate(rows)
+        for row, ids, group in zip(rows, batch["input_ids"], batch["caption_group"].tolist()):
+            text = tok.decode(ids, skip_special_tokens=True)
+            base = text.removeprefix("an emoji of ").removesuffix(".")
+            assert base in row["captions"]
+            texts.add(text.startswith("an emoji of"))
+            groups.setdefault(group, set()).add(base)
+    assert texts == {True, False}  # both templates drawn
+    assert all(len(bases) == 1 for bases in groups.values())  # a group is one caption, in either template
+    evaluation = CaptionCollator(tok, preprocessor(32), max_length=32, templates=templates)(rows[:2])
+    assert "caption_group" not in evaluation  # evaluation reads the captions as written
+    assert tok.decode(evaluation["input_ids"][1], skip_special_tokens=True) == "picture number 1"
+    with pytest.raises(DataError, match="one '{}' each"):
+        CaptionCollator(tok, preprocessor(32), train=True, templates=["an emoji"])
+
+
 def test_training_augmentation_goes_through_with_augment(tok, captioned):
     collate = CaptionCollator(tok, preprocessor(32), train=True, augment=AugmentConfig(crop_scale=(0.5, 1.0), color_jitter=0.4))
     assert collate.preprocessor.augment.crop_scale == (0.5, 1.0)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmtransfer.features import CachedCaptionCollator, CachedFeatures
 from mmtransfer.models.preprocess import AugmentConfig, ImagePreprocessor, PreprocessConfig
+from mmtransfer.transfer import DEFAULT_TEMPLATES
 
 try:
     from data_helpers import save_image, write_jsonl
@@ -95,6 +96,32 @@ def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
     assert written["feature_cache"] is True and written["augmented_copies"] == 2
     # The plain training features plus two augmented copies, on disk.
     assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 3
+
+
+@pytest.mark.parametrize("frozen_image", [True, False])
+def test_finetune_with_caption_templates(tmp_path, frozen_image):
+    """Templated training captions: cached text holds every form (frozen towers), or the raw collator templates them."""
+    from mmtransfer import finetune
+    from mmtransfer.config import ConfigError, from_dict
+    from mmtransfer.registry import get_preset
+
+    folder = _captioned_folder(tmp_path / "data")
+
+    def config(templates):
+        cfg = from_dict(finetune.FinetuneConfig, {
+            "freeze": {"text": True, "image": frozen_image},
+            "data": {"train": {"name": str(folder)}, "validation": {"name": str(folder)}, "test": None,
+                     "caption_templates": templates, "feature_cache_dir": str(tmp_path / "features")},
+            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 8, "eval_every": 2,
+                      "save_every": 2, "progress_bar": False, "trackers": []},
+        })
+        cfg.model = get_preset("tiny-random")
+        return cfg
+
+    assert finetune.run(config(["{}", "a picture of {}"]))["steps"] == 2
+    assert finetune.caption_templates(config("default").data) == tuple(DEFAULT_TEMPLATES)
+    with pytest.raises(ConfigError, match="data.caption_templates must be .* one '{}' each"):
+        finetune.run(config(["a picture"]))
 
 
 def test_collator_carries_labels_when_given(tiny_model):

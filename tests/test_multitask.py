@@ -163,6 +163,12 @@ def test_draws_choose_copies_and_captions():
     batch = captions([(0, 0), (1, 1), (2, 2), (3, 5)])  # copy = draw % 2, caption = (draw // 2) % 3
     assert batch["image_pooled"][:, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
     assert tok.texts == ["x", "x", "y", "z"]
+    # With 2 templates each caption has 6 forms, caption-major: form = (draw // 2) % 6.
+    templated = CachedCaptionCollator([a, b], [["x", "y", "z"]] * 4, tokenizer=tok, train=True, templates=["{}", "a {}"])
+    batch = templated([(0, 0), (1, 2), (2, 8), (3, 11)])
+    assert tok.texts == ["x", "a x", "z", "a z"]
+    groups = batch["caption_group"].tolist()
+    assert groups[0] == groups[1] and groups[2] == groups[3] and groups[0] != groups[2]
 
 
 # ----------------------------------------------------------------------------- the task, on a tiny model

@@ -265,6 +265,9 @@ def test_label_positives_group_images_of_a_class_captioned_differently(tiny_mode
     assert torch.equal(by_label, batch["labels"])
     with pytest.raises(ValueError, match="positives=label"):
         CaptionObjective(CaptionObjectiveConfig(positives="label"), use_itm=False).positive_groups(tok)
+    # Templated captions bring the group of the caption they were made from.
+    templated = {**tok, "caption_group": torch.tensor([3, 3, 4, 3])}
+    assert CaptionObjective(CaptionObjectiveConfig(), use_itm=False).positive_groups(templated).tolist() == [3, 3, 4, 3]
 
 
 def test_soft_targets_mix_the_text_neighbourhood_into_the_targets():

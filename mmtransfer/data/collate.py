@@ -48,6 +48,29 @@ def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
+def check_templates(templates: Sequence[str] | None, where: str = "caption_templates") -> tuple[str, ...] | None:
+    """``templates`` as a tuple, after checking that each holds one ``{}`` (where the caption goes)."""
+    if templates is None:
+        return None
+    if isinstance(templates, str):
+        templates = [templates]
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if bad or not templates:
+        raise DataError(f"{where} must be a non-empty list of texts with one '{{}}' each, where the caption goes "
+                        f"(e.g. ['{{}}', 'an emoji of {{}}.']); these are not: {bad or templates}.")
+    return tuple(templates)
+
+
+def templated(captions: Sequence[str], templates: Sequence[str] | None) -> list[str]:
+    """Every caption in every template's form, caption-major: index ``i`` is caption ``i // T`` in template ``i % T``."""
+    return list(captions) if not templates else [t.format(c) for c in captions for t in templates]
+
+
+def caption_group(caption: str) -> int:
+    """A stable int64 id of a caption string, equal across processes: templated forms of one caption share it."""
+    return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 class CaptionCollator:
     """Rows with ``image`` and ``captions`` -> a batch for contrastive image-text training.
 
@@ -63,11 +86,15 @@ class CaptionCollator:
         augment: train-time augmentation, applied through ``preprocessor.with_augment``.
         seed: seed of the caption choice.
         pad_to_max_length: pad every batch to ``max_length`` (static shapes) instead of its longest caption.
+        templates: prompt templates (``'an emoji of {}.'``); in training each caption is
+            drawn in one of them at random, so the text side sees what a zero-shot
+            classifier built from the same templates will ask. None: captions as written.
 
     Shapes:
         -> ``pixel_values`` (B, 3, S, S) float32, ``input_ids`` (B, T) int64,
-        ``attention_mask`` (B, T) int64, ``image_index`` (B,) int64 (the rows' ``image_id``), and
-        ``labels`` (B,) int64 when every row has an integer ``label``.
+        ``attention_mask`` (B, T) int64, ``image_index`` (B,) int64 (the rows' ``image_id``),
+        ``labels`` (B,) int64 when every row has an integer ``label``, and with templates in
+        training ``caption_group`` (B,) int64 (:func:`caption_group` of the caption before templating).
 
     Example:
         >>> m = mmtransfer.create_model("tiny-random")
@@ -86,8 +113,10 @@ class CaptionCollator:
         augment: "AugmentConfig | None" = None,
         seed: int = 0,
         pad_to_max_length: bool = False,
+        templates: Sequence[str] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.templates = check_templates(templates) if train else None
         self.preprocessor = preprocessor.with_augment(augment) if (train and augment is not None) else preprocessor
         self.max_length = max_length
         self.train = train
@@ -114,7 +143,8 @@ class CaptionCollator:
             self._rng = random.Random(_stable_seed("captions", self.seed, info.seed if info is not None else "main"))
         return self._rng
 
-    def pick(self, captions: Sequence[str], position: int) -> str:
+    def pick(self, captions: Sequence[str], position: int) -> tuple[str, str]:
+        """(text, caption): one caption of a row, in one template's form when templates are set."""
         if isinstance(captions, str):
             captions = [captions]
         if not captions:
@@ -122,9 +152,9 @@ class CaptionCollator:
                 f"Batch row {position} has no caption. Load the data with mmtransfer.data.load (it checks captions), "
                 "or drop rows with empty 'captions'."
             )
-        if self.train and len(captions) > 1:
-            return captions[self._generator().randrange(len(captions))]
-        return captions[0]
+        forms = templated(captions, self.templates)
+        i = self._generator().randrange(len(forms)) if self.train and len(forms) > 1 else 0
+        return forms[i], captions[i // len(self.templates)] if self.templates else forms[i]
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
         import torch
@@ -132,10 +162,10 @@ class CaptionCollator:
         for i, row in enumerate(rows):
             if "captions" not in row:
                 raise DataError(f"Batch row {i} has no 'captions' column; this collator needs captioned data (columns: {', '.join(row)}).")
-        texts = [self.pick(row["captions"], i) for i, row in enumerate(rows)]
+        texts, captions = zip(*[self.pick(row["captions"], i) for i, row in enumerate(rows)])
         pixels = self.preprocessor([_image(row, i) for i, row in enumerate(rows)])  # (B, 3, S, S)
         enc = self.tokenizer(
-            texts,
+            list(texts),
             padding="max_length" if self.pad_to_max_length else True,
             truncation=True,
             max_length=self.max_length,
@@ -149,6 +179,8 @@ class CaptionCollator:
         }
         if all(isinstance(r.get("label"), int) for r in rows):  # labelled captions: the class of each image
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)  # (B,)
+        if self.templates:  # templated forms of one caption are positives of each other
+            batch["caption_group"] = torch.tensor([caption_group(c) for c in captions], dtype=torch.long)  # (B,)
         return batch
 
 
