@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.config import DataConfig
+from .data.config import DataConfig, cache_root
 from .models.preprocess import AugmentConfig
 from .train import OptimConfig, StepInfo, TaskOutput, TrainConfig
 
@@ -50,6 +50,11 @@ class ClassifyDataSection:
     classes: Literal["present", "all"] = "present"
     # Few-shot: labelled images per class drawn from train, one run per value (None: all of train).
     shots: list[int] | None = None
+    # Images the model was trained on (e.g. {name: openmoji, split: train}), never the test
+    # images: class names close to many of them (hubs) are marked down by method.hub_weight
+    # times the mean of their method.hub_k highest cosines to them (CSLS), so that names
+    # which no image reaches get their share of predictions. None: plain cosine scores.
+    hub_reference: DataConfig | None = None
     # Train-time augmentation for the finetune phases.
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Batch size for feature extraction and evaluation.
@@ -64,6 +69,10 @@ class MethodConfig:
     mode: Literal["zero-shot", "linear-probe", "finetune", "lp-ft", "wise-ft"] = "zero-shot"
     # Prompt templates with "{}" for the class name (None: mmtransfer.transfer.DEFAULT_TEMPLATES).
     templates: list[str] | None = None
+    # With data.hub_reference: how many nearest reference images measure a class's hubness,
+    # and the share of it subtracted from the class's cosine score.
+    hub_k: int = 10
+    hub_weight: float = 0.25
     # Head initialisation for the trained modes: "text" (class-name embeddings) or "random".
     head_init: Literal["text", "random"] = "text"
     # Also train the same runs with the other head initialisation, to compare them.
@@ -158,19 +167,24 @@ def few_shot_indices(labels: Sequence[int], shots: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def pooled_features(model: Any, dataset: Any, batch_size: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-tower pooled features (N, Di) and labels (N,) of a labelled dataset.
+def pooled_features(model: Any, dataset: Any, batch_size: int, progress: bool = True,
+                    cache_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image-tower pooled features (N, Di) and labels (N,) of a dataset (None when it has no labels).
 
     ``model`` is anything with ``image_encoder`` and ``preprocessor`` (a
-    MultimodalModel or an ImageClassifier).
+    MultimodalModel or an ImageClassifier). With ``cache_dir`` the features are
+    kept on disk, keyed by the tower's weights and the data (the same files that
+    caption fine-tuning with a frozen tower writes and reads).
     """
     from . import data as mmdata
     from .features import image_features, with_row_ids
 
     ds = with_row_ids(dataset)
     loader = mmdata.make_loader(ds, mmdata.ImageCollator(model.preprocessor), batch_size)
-    feats = image_features(model.image_encoder, loader, len(ds), keep_tokens=False, progress=progress)
-    return feats.pooled, torch.tensor(ds["label"], dtype=torch.long)
+    feats = image_features(model.image_encoder, loader, len(ds), keep_tokens=False, progress=progress,
+                           cache_dir=cache_dir, data_key=f"{ds._fingerprint}")
+    labels = torch.tensor(ds["label"], dtype=torch.long) if "label" in ds.column_names else None
+    return feats.pooled, labels
 
 
 @torch.no_grad()
@@ -223,7 +237,9 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
 
     test_ds = load_split(cfg.data.test)
     names = read_class_names(cfg.data.class_names_file) if cfg.data.class_names_file else list(test_ds.features["label"].names)
-    test_x, test_y = pooled_features(base, test_ds, cfg.data.eval_batch_size)
+    # The frozen base tower's features stay on disk for later evaluations of models that share it.
+    features_dir = cache_root(cfg.data.test) / "features"
+    test_x, test_y = pooled_features(base, test_ds, cfg.data.eval_batch_size, cache_dir=features_dir)
     if int(test_y.max()) >= len(names):
         raise ValueError(f"The test labels go up to {int(test_y.max())} but there are only {len(names)} class names.")
     # Label remapping (identity for "all"): original label id -> position among the candidates.
@@ -247,12 +263,23 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         logger.info("few-shot: %d training images cover every draw of k in %s over %d seeds", len(used), cfg.data.shots, len(cfg.method.seeds))
     train = pooled_features(base, train_ds, cfg.data.eval_batch_size) if train_ds is not None else None
 
-    zs_head = LinearHead.from_text(base, names, templates)
+    reference = None
+    if cfg.data.hub_reference is not None:
+        ref_x, _ = pooled_features(base, mmdata.load(cfg.data.hub_reference), cfg.data.eval_batch_size, cache_dir=features_dir)
+        with torch.no_grad():
+            reference = base.project_image(ref_x.to(base.device))  # (N, E) normalised
+        logger.info("hub correction: %d reference images (%s), k=%d, weight %.2f",
+                    len(reference), cfg.data.hub_reference.name, cfg.method.hub_k, cfg.method.hub_weight)
+    zs_head = LinearHead.from_text(base, names, templates, reference, cfg.method.hub_k, cfg.method.hub_weight)
     zero_shot = ImageClassifier(base, zs_head, names)
     zs_logits, zs_metrics = evaluate_classifier(zero_shot, test_x, test_y)
     results: dict[str, Any] = {"mode": mode, "classes": len(names), "test_images": len(test_y),
                                "chance_top1": 100.0 / len(names), "templates": templates,
                                "zero_shot": _brief(zs_metrics)}
+    if reference is not None:
+        plain = ImageClassifier(base, LinearHead(zs_head.weight.detach(), scale=float(zs_head.scale)), names)
+        results["zero_shot_plain"] = _brief(evaluate_classifier(plain, test_x, test_y)[1])
+        results["hub"] = {"reference_images": len(reference), "k": cfg.method.hub_k, "weight": cfg.method.hub_weight}
     logger.info("zero-shot top-1 %.2f%%, top-5 %.2f%% over %d classes (chance %.2f%%)",
                 zs_metrics["top1"], zs_metrics.get("top5", float("nan")), len(names), 100.0 / len(names))
     best_logits, best_metrics = zs_logits, zs_metrics
@@ -376,7 +403,11 @@ def _markdown(results: dict[str, Any], metrics: dict[str, Any]) -> str:
              f"{results['classes']} classes, {results['test_images']} test images, chance {results['chance_top1']:.2f}% top-1.", "",
              "| model | top-1 | top-5 | macro F1 |", "|---|---:|---:|---:|"]
     zs = results["zero_shot"]
-    lines.append(f"| zero-shot | {zs['top1']:.2f} | {zs.get('top5', float('nan')):.2f} | {zs['macro_f1']:.2f} |")
+    if "zero_shot_plain" in results:
+        p = results["zero_shot_plain"]
+        lines.append(f"| zero-shot, plain cosine | {p['top1']:.2f} | {p.get('top5', float('nan')):.2f} | {p['macro_f1']:.2f} |")
+    hub = " (hub-corrected)" if "hub" in results else ""
+    lines.append(f"| zero-shot{hub} | {zs['top1']:.2f} | {zs.get('top5', float('nan')):.2f} | {zs['macro_f1']:.2f} |")
     for key, d in results.get("runs", {}).items():
         def fmt(m: str) -> str:
             return f"{d[m][0]:.2f} ± {d[m][1]:.2f}" if m in d else "-"

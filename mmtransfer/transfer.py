@@ -61,6 +61,26 @@ def class_embeddings(
     return F.normalize(emb.mean(1), dim=-1)  # (C, E)
 
 
+@torch.no_grad()
+def hub_penalty(class_emb: torch.Tensor, reference: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """How strongly each class attracts images at large: the mean of its k highest cosines to reference images.
+
+    In a shared space some class embeddings are hubs, near many images, and take
+    the predictions of classes that no image reaches; subtracting a share of this
+    score from every class (CSLS, Conneau et al. 2018) evens them out. The
+    reference images are ones the model was trained on (not the test images), so
+    the classifier stays inductive.
+
+    Shapes:
+        class_emb (C, E), reference (N, E) (both normalised) -> (C,)
+    """
+    if reference.ndim != 2 or reference.shape[1] != class_emb.shape[1] or len(reference) == 0:
+        raise ValueError(f"The hub reference must be (N, {class_emb.shape[1]}) image embeddings with N > 0; got {tuple(reference.shape)}.")
+    k = min(k, len(reference))
+    sims = reference.to(class_emb) @ class_emb.T  # (N, C)
+    return sims.topk(k, dim=0).values.mean(0)  # (C,)
+
+
 class LinearHead(nn.Module):
     """A linear classifier over shared-space embeddings: logits = scale * z W^T + b.
 
@@ -83,9 +103,17 @@ class LinearHead(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     @classmethod
-    def from_text(cls, model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None) -> "LinearHead":
-        """Rows = class-name embeddings, scale = the model's logit scale: the zero-shot classifier as a trainable head."""
-        return cls(class_embeddings(model, class_names, templates), scale=float(model.get_logit_scale().detach()))  # (C, E)
+    def from_text(cls, model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None,
+                  reference: torch.Tensor | None = None, hub_k: int = 10, hub_weight: float = 0.25) -> "LinearHead":
+        """Rows = class-name embeddings, scale = the model's logit scale: the zero-shot classifier as a trainable head.
+
+        With ``reference`` image embeddings (N, E), the bias subtracts ``hub_weight``
+        times each class's :func:`hub_penalty` (in cosine units, times the scale).
+        """
+        weight = class_embeddings(model, class_names, templates)  # (C, E)
+        scale = float(model.get_logit_scale().detach())
+        bias = None if reference is None or hub_weight == 0 else -scale * hub_weight * hub_penalty(weight, reference, hub_k)
+        return cls(weight, bias, scale=scale)
 
     @classmethod
     def random(cls, num_classes: int, dim: int, seed: int = 0, scale: float = 1.0) -> "LinearHead":
@@ -140,9 +168,11 @@ class ImageClassifier(nn.Module):
         return [self.class_names[i] for i in self(images).argmax(-1).tolist()]
 
 
-def zero_shot_classifier(model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None) -> ImageClassifier:
+def zero_shot_classifier(model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None,
+                         reference: torch.Tensor | None = None, hub_k: int = 10, hub_weight: float = 0.25) -> ImageClassifier:
     """The zero-shot classifier of ``model`` for ``class_names`` (see :meth:`MultimodalModel.zero_shot_classifier`)."""
-    return ImageClassifier(model, LinearHead.from_text(model, class_names, templates), class_names)
+    head = LinearHead.from_text(model, class_names, templates, reference, hub_k, hub_weight)
+    return ImageClassifier(model, head, class_names)
 
 
 def wise_ft(zero_shot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmtransfer.classify import ClassifyConfig, _train_mode, few_shot_indices, pooled_features
 from mmtransfer.evaluate import classification_metrics, confusion_matrix
-from mmtransfer.transfer import ImageClassifier, LinearHead, class_embeddings, interpolated, wise_ft
+from mmtransfer.transfer import ImageClassifier, LinearHead, class_embeddings, hub_penalty, interpolated, wise_ft
 
 NAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
 RGB = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 20)]
@@ -118,6 +118,54 @@ def test_classification_metrics():
     assert m["macro_precision"] == pytest.approx(100 * (1 + 0.5 + 1) / 3)
     assert m["macro_recall"] == pytest.approx(100 * (1 + 1 + 0.5) / 3)
     assert confusion_matrix(logits.argmax(1), labels, 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+def test_hub_penalty_marks_down_the_class_near_every_reference_image():
+    classes = torch.eye(3)  # (C, E): three orthogonal class embeddings
+    reference = F.normalize(torch.tensor([[1.0, 0.3, 0.0], [1.0, 0.0, 0.3], [0.9, 0.4, 0.4], [0.0, 1.0, 0.0]]), dim=-1)  # (N, E)
+    r = hub_penalty(classes, reference, k=2)  # mean of each class's 2 best cosines
+    torch.testing.assert_close(r, (reference @ classes.T).topk(2, dim=0).values.mean(0))
+    assert r[0] > r[1] > r[2]
+    # An image a little closer to class 0 (the hub) than to class 1 goes to class 1 once hubs are marked down.
+    image = F.normalize(torch.tensor([[0.7, 0.6, 0.0]]), dim=-1)
+    plain = LinearHead(classes)(image)
+    corrected = LinearHead(classes, -0.5 * r)(image)
+    assert plain.argmax().item() == 0 and corrected.argmax().item() == 1
+    assert hub_penalty(classes, reference, k=100).shape == (3,)  # k is capped at the number of references
+    with pytest.raises(ValueError, match="hub reference must be"):
+        hub_penalty(classes, torch.zeros(5, 4))
+
+
+def test_zero_shot_classifier_with_reference_images(tiny_model):
+    model = copy.deepcopy(tiny_model).eval()
+    pixels, reference = torch.randn(2, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    plain = model.zero_shot_classifier(NAMES, ["{}"])
+    corrected = model.zero_shot_classifier(NAMES, ["{}"], reference_images=reference, hub_k=3, hub_weight=0.5)
+    with torch.no_grad():
+        penalty = hub_penalty(class_embeddings(model, NAMES, ["{}"]), model.encode_image(reference), 3)
+        expected = plain(pixels) - 0.5 * model.get_logit_scale() * penalty
+    torch.testing.assert_close(corrected(pixels), expected, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(plain.head.bias) == 0
+    off = model.zero_shot_classifier(NAMES, ["{}"], reference_images=reference, hub_weight=0.0)
+    torch.testing.assert_close(off(pixels), plain(pixels))
+
+
+def test_classify_run_reports_hub_corrected_and_plain_zero_shot(tmp_path, tiny_model, colour_dataset):
+    from mmtransfer.classify import run
+    from mmtransfer.config import from_dict
+
+    colour_dataset.save_to_disk(str(tmp_path / "colours"))
+    tiny_model.save_pretrained(tmp_path / "model")
+    cfg = from_dict(ClassifyConfig, {
+        "model": str(tmp_path / "model"),
+        "data": {"test": {"name": str(tmp_path / "colours")}, "hub_reference": {"name": str(tmp_path / "colours")}},
+        "method": {"hub_k": 2, "hub_weight": 0.5},
+        "train": {"output_dir": str(tmp_path / "run")},
+    })
+    results = run(cfg)
+    assert results["hub"] == {"reference_images": 16, "k": 2, "weight": 0.5}
+    assert set(results["zero_shot_plain"]) == set(results["zero_shot"])
+    assert "plain cosine" in (tmp_path / "run" / "results.md").read_text()
 
 
 def test_transfer_script_zero_shot_on_a_folder(tmp_path, tiny_model):
