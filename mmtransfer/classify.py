@@ -224,6 +224,9 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mode = cfg.method.mode
+    if cfg.method.hub_k < 1 or cfg.method.hub_weight < 0:
+        raise ValueError(f"method.hub_k must be at least 1 and method.hub_weight at least 0; got {cfg.method.hub_k} and "
+                         f"{cfg.method.hub_weight} (data.hub_reference=null turns the hub correction off).")
     if mode != "zero-shot" and cfg.data.train is None:
         raise ValueError(f"method.mode={mode} trains on labelled images: set data.train (e.g. {{name: openmoji, split: train}}).")
 

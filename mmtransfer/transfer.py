@@ -74,6 +74,8 @@ def hub_penalty(class_emb: torch.Tensor, reference: torch.Tensor, k: int = 10) -
     Shapes:
         class_emb (C, E), reference (N, E) (both normalised) -> (C,)
     """
+    if k < 1:
+        raise ValueError(f"hub_k must be at least 1, got {k}.")
     if reference.ndim != 2 or reference.shape[1] != class_emb.shape[1] or len(reference) == 0:
         raise ValueError(f"The hub reference must be (N, {class_emb.shape[1]}) image embeddings with N > 0; got {tuple(reference.shape)}.")
     k = min(k, len(reference))

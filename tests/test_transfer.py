@@ -166,6 +166,9 @@ def test_classify_run_reports_hub_corrected_and_plain_zero_shot(tmp_path, tiny_m
     assert results["hub"] == {"reference_images": 16, "k": 2, "weight": 0.5}
     assert set(results["zero_shot_plain"]) == set(results["zero_shot"])
     assert "plain cosine" in (tmp_path / "run" / "results.md").read_text()
+    cfg.method.hub_k = 0
+    with pytest.raises(ValueError, match="hub_k must be at least 1"):
+        run(cfg)
 
 
 def test_transfer_script_zero_shot_on_a_folder(tmp_path, tiny_model):
