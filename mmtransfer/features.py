@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data.collate import caption_group, check_templates, templated
+from .data.collate import caption_form, caption_group, check_templates
 
 logger = logging.getLogger(__name__)
 
@@ -263,14 +263,14 @@ class CachedCaptionCollator:
 
     def _pick(self, caps: list[str], draw: int | None = None) -> tuple[str, str]:
         """(text, caption): the caption drawn, in its drawn template's form."""
-        forms = templated(caps, self.templates)
-        if not self.train or len(forms) == 1:
+        forms = len(caps) * (len(self.templates) if self.templates else 1)
+        if not self.train or forms == 1:
             i = 0
         elif draw is not None:
-            i = (draw // len(self.copies)) % len(forms)
+            i = (draw // len(self.copies)) % forms
         else:
-            i = self.rng.randrange(len(forms))
-        return forms[i], caps[i // len(self.templates)] if self.templates else forms[i]
+            i = self.rng.randrange(forms)
+        return caption_form(caps, self.templates, i)
 
     def _images(self, idx: torch.Tensor, draws: list[int] | None = None) -> dict[str, torch.Tensor]:
         """image_pooled (B, Di) and image_tokens (B, P, Di), each item from its drawn copy."""

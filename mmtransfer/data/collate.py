@@ -66,6 +66,13 @@ def templated(captions: Sequence[str], templates: Sequence[str] | None) -> list[
     return list(captions) if not templates else [t.format(c) for c in captions for t in templates]
 
 
+def caption_form(captions: Sequence[str], templates: Sequence[str] | None, i: int) -> tuple[str, str]:
+    """(text, caption): form ``i`` of :func:`templated` without building the others, and the caption it puts in words."""
+    per_caption = len(templates) if templates else 1
+    caption = captions[i // per_caption]
+    return (templates[i % per_caption].format(caption) if templates else caption), caption
+
+
 def caption_group(caption: str) -> int:
     """A stable int64 id of a caption string, equal across processes: templated forms of one caption share it."""
     return int.from_bytes(hashlib.blake2b(caption.encode(), digest_size=8).digest(), "big", signed=True)
@@ -152,9 +159,8 @@ class CaptionCollator:
                 f"Batch row {position} has no caption. Load the data with mmtransfer.data.load (it checks captions), "
                 "or drop rows with empty 'captions'."
             )
-        forms = templated(captions, self.templates)
-        i = self._generator().randrange(len(forms)) if self.train and len(forms) > 1 else 0
-        return forms[i], captions[i // len(self.templates)] if self.templates else forms[i]
+        forms = len(captions) * (len(self.templates) if self.templates else 1)
+        return caption_form(captions, self.templates, self._generator().randrange(forms) if self.train and forms > 1 else 0)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
         import torch
