@@ -120,7 +120,9 @@ def image_features(
     """
     from tqdm.auto import tqdm
 
+    config = getattr(encoder, "config", None)  # pooling and model options change the output, not the weights
     parts = {"weights": module_fingerprint(encoder), "pre": repr(getattr(encoder, "preprocessor", None)),
+             "pooling": getattr(config, "pooling", None), "model_kwargs": getattr(config, "model_kwargs", None),
              "data": data_key, "n": num_items, "tokens": keep_tokens}
     path = _cache_path(cache_dir, "image", parts)
     cached = _load(path)
@@ -171,7 +173,7 @@ def text_features(
 
     texts = list(texts)
     parts = {"weights": module_fingerprint(encoder), "texts": hashlib.sha256("\x1f".join(texts).encode()).hexdigest(),
-             "max_length": encoder.config.max_length, "tokens": keep_tokens}
+             "max_length": encoder.config.max_length, "pooling": encoder.config.pooling, "tokens": keep_tokens}
     path = _cache_path(cache_dir, "text", parts)
     cached = _load(path)
     if cached is not None:

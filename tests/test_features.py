@@ -129,3 +129,40 @@ def test_collator_carries_labels_when_given(tiny_model):
     batch = CachedCaptionCollator(feats, [["x"]] * 6, tokenizer=tiny_model.tokenizer, labels=[3, 3, 1, 0, 2, 2])([1, 2, 5])
     assert batch["labels"].tolist() == [3, 1, 2]
     assert "labels" not in CachedCaptionCollator(feats, [["x"]] * 6, tokenizer=tiny_model.tokenizer)([1])
+
+
+def test_image_feature_cache_keeps_poolings_apart(tmp_path):
+    # Pooling has no weights: the cache key must still tell a mean- from a max-pooled tower.
+    import dataclasses
+
+    from mmtransfer.config import ImageEncoderConfig
+    from mmtransfer.features import image_features
+    from mmtransfer.models.image import ImageEncoder
+
+    config = ImageEncoderConfig(name="resnet10t", pretrained=False, image_size=32, pooling="mean")
+    torch.manual_seed(0)
+    mean_tower = ImageEncoder.from_config(config).eval()
+    max_tower = ImageEncoder(dataclasses.replace(config, pooling="max"), mean_tower.backbone, mean_tower.preprocessor.config).eval()
+    loader = [{"pixel_values": torch.randn(3, 3, 64, 64), "image_index": torch.arange(3)}]  # a 2x2 grid
+    kwargs = dict(num_items=3, keep_tokens=False, cache_dir=tmp_path, data_key="d", progress=False)
+    mean_feats = image_features(mean_tower, loader, **kwargs).pooled
+    max_feats = image_features(max_tower, loader, **kwargs).pooled
+    assert len(list(tmp_path.glob("image-*.safetensors"))) == 2
+    assert not torch.allclose(mean_feats, max_feats)
+    torch.testing.assert_close(image_features(max_tower, loader, **kwargs).pooled, max_feats)
+
+
+def test_text_feature_cache_keeps_poolings_apart(tmp_path, tiny_model):
+    import dataclasses
+
+    from mmtransfer.features import text_features
+    from mmtransfer.models.text import TextEncoder
+
+    mean_tower = tiny_model.text_encoder
+    cls_tower = TextEncoder(dataclasses.replace(mean_tower.config, pooling="cls"), mean_tower.model, mean_tower.tokenizer)
+    kwargs = dict(keep_tokens=False, cache_dir=tmp_path, progress=False)
+    texts = ["a red square", "two blue circles and a line"]
+    mean_feats = text_features(mean_tower, texts, **kwargs).pooled
+    cls_feats = text_features(cls_tower, texts, **kwargs).pooled
+    assert len(list(tmp_path.glob("text-*.safetensors"))) == 2
+    assert not torch.allclose(mean_feats, cls_feats)
