@@ -158,8 +158,11 @@ def test_text_feature_cache_keeps_poolings_apart(tmp_path, tiny_model):
     from mmtransfer.features import text_features
     from mmtransfer.models.text import TextEncoder
 
-    mean_tower = tiny_model.text_encoder
-    cls_tower = TextEncoder(dataclasses.replace(mean_tower.config, pooling="cls"), mean_tower.model, mean_tower.tokenizer)
+    import copy
+
+    mean_tower = tiny_model.text_encoder  # shared by the session: its copy is changed, never the tower itself
+    cls_tower = TextEncoder(dataclasses.replace(mean_tower.config, pooling="cls"), copy.deepcopy(mean_tower.model),
+                            mean_tower.tokenizer).eval()
     kwargs = dict(keep_tokens=False, cache_dir=tmp_path, progress=False)
     texts = ["a red square", "two blue circles and a line"]
     mean_feats = text_features(mean_tower, texts, **kwargs).pooled
