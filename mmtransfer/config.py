@@ -56,9 +56,9 @@ class ImageEncoderConfig:
     pretrained: bool = True
     # Pooled vector: "auto" uses the backbone's own head pooling (global average
     # for CNNs, the class token or mean for ViTs), "mean" averages the grid or
-    # patch tokens, "max" takes their per-channel maximum (the strongest
-    # response wherever the object sits, rather than diluted by background
-    # cells), "cls" takes the class token (ViTs only).
+    # patch tokens, "max" takes their per-channel maximum (for emoji transfer
+    # it loses to the average: README, "Transfer"), "cls" takes the class
+    # token (ViTs only).
     pooling: Literal["auto", "mean", "max", "cls"] = "auto"
     # Input resolution; None uses the one that belongs to the weights.
     image_size: int | None = None

@@ -153,12 +153,11 @@ def test_image_feature_cache_keeps_poolings_apart(tmp_path):
 
 
 def test_text_feature_cache_keeps_poolings_apart(tmp_path, tiny_model):
+    import copy
     import dataclasses
 
     from mmtransfer.features import text_features
     from mmtransfer.models.text import TextEncoder
-
-    import copy
 
     mean_tower = tiny_model.text_encoder  # shared by the session: its copy is changed, never the tower itself
     cls_tower = TextEncoder(dataclasses.replace(mean_tower.config, pooling="cls"), copy.deepcopy(mean_tower.model),
