@@ -64,6 +64,7 @@ VARIANTS = {
     "soft0.2_t0.1": ["objective.soft_targets=0.2", "objective.soft_target_temperature=0.1"],
     "soft1_t0.1": ["objective.soft_targets=1.0", "objective.soft_target_temperature=0.1"],
     "members3": ["model.image_projection_members=3"],
+    "members3_split": ["model.image_projection_members=3", "objective.member_batches=split", "train.batch_size=192"],
 }
 
 Tests = dict[str, tuple[str, list[str]]]  # zero-shot evaluations: name -> (recipe of scripts/transfer_classify.py, its overrides)

@@ -314,3 +314,38 @@ def test_each_image_projection_member_trains_on_its_own_loss():
     torch.testing.assert_close(out.loss.detach(), torch.stack(per_member).mean())
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_projection.parameters())
+
+
+def test_split_member_batches_give_each_member_its_own_slice():
+    import dataclasses
+
+    import mmtransfer
+    from mmtransfer.objectives import CaptionObjective
+    from mmtransfer.registry import get_preset
+    from mmtransfer.train import StepInfo
+
+    torch.manual_seed(0)
+    model = mmtransfer.create_model(dataclasses.replace(get_preset("tiny-random"), image_projection="mlp", image_projection_members=2)).eval()
+    texts = ["a red apple", "a blue car", "a green tree", "a yellow sun", "a grey cat", "a pink pig"]
+    batch = {"pixel_values": torch.randn(6, 3, 32, 32), **model.tokenize(texts)}
+    split = CaptionObjective(CaptionObjectiveConfig(member_batches="split"), use_itm=False)
+    out = split(model, batch, StepInfo(0, 10))
+    with torch.no_grad():
+        img = model.image_encoder(batch["pixel_values"]).pooled
+        zt = model.project_text(model.text_features(batch).pooled)
+        scale = model.get_logit_scale()
+        first, second = (torch.nn.functional.normalize(p(img), dim=-1) for p in model.image_projection_modules)
+        expected = (ContrastiveLoss()(first[:3], zt[:3], scale).loss + ContrastiveLoss()(second[3:], zt[3:], scale).loss) / 2
+    torch.testing.assert_close(out.loss.detach(), expected)
+    # Member 0 never sees rows 3-5: changing them leaves its gradient as it was.
+    out.loss.backward()
+    grad = [p.grad.clone() for p in model.image_projection_modules[0].parameters()]
+    model.zero_grad()
+    moved = {**batch, "pixel_values": torch.cat([batch["pixel_values"][:3], torch.randn(3, 3, 32, 32)])}
+    split(model, moved, StepInfo(0, 10)).loss.backward()
+    for before, p in zip(grad, model.image_projection_modules[0].parameters()):
+        torch.testing.assert_close(p.grad, before)
+    assert all(p.grad.abs().sum() > 0 for p in model.image_projection_modules[1].parameters())
+    few = {"pixel_values": batch["pixel_values"][:1], **model.tokenize(texts[:1])}
+    with pytest.raises(ValueError, match="train.batch_size to 2 times"):
+        split(model, few, StepInfo(0, 10))

@@ -164,6 +164,13 @@ class MultimodalModel(nn.Module):
             return self.image_projection.members(pooled)
         return self.project_image(pooled)[None]
 
+    @property
+    def image_projection_modules(self) -> list[nn.Module]:
+        """The K image projections (one without an ensemble), each mapping (B, Di) -> (B, E) unnormalised."""
+        if isinstance(self.image_projection, ProjectionEnsemble):
+            return list(self.image_projection.projections)
+        return [self.image_projection]
+
     def encode_text(
         self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
