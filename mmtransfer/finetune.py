@@ -60,6 +60,9 @@ class CaptionDataSection:
     # With a frozen image tower and `augment` on: also cache this many augmented
     # copies of every training image's features (each computed once, seeded);
     # every step then draws one of the plain and augmented copies per image.
+    # With image projection members that split the batch (objective.member_batches:
+    # split), each member gets its own this many copies (members x as many are cached;
+    # caption-only runs: the members of a multi-task run share theirs).
     # 0 with augment on runs the frozen tower on fresh augmentations every step.
     augmented_copies: int = 0
     # Also keep cached features on disk, keyed by weights and data, for later runs.
@@ -178,16 +181,19 @@ class FeaturePlan:
     cache: bool
     # The text tower is frozen: caption features are cached too.
     text_frozen: bool
-    # Augmented copies of each training image's features.
+    # Augmented copies of each training image's features (per set).
     copies: int
     # Keep token features (the fusion layer needs them).
     keep_tokens: bool
     # On-disk cache folder (None: memory only).
     folder: Path | None
+    # Sets of `copies` augmented copies: one per image projection member when the members
+    # split the batch (objective.member_batches: split), so each sees its own augmentations.
+    copy_sets: int = 1
 
 
-def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool) -> FeaturePlan:
-    """Decide, from the freezing policy and the data options, what is cached."""
+def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool, copy_sets: int = 1) -> FeaturePlan:
+    """Decide, from the freezing policy and the data options, what is cached (``copy_sets`` sets of augmented copies)."""
     image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
     text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
     augment = data.augment
@@ -202,7 +208,7 @@ def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool) -> Fea
         from .data.config import cache_root
 
         folder = Path(data.feature_cache_dir) if data.feature_cache_dir else cache_root(data.train) / "features"
-    return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder)
+    return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder, copy_sets if cache and copies else 1)
 
 
 def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: AugmentConfig, seed: int,
@@ -220,7 +226,8 @@ def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: 
         return
     augmenting = model.preprocessor.with_augment(augment)
     split.augmented_feats = []
-    for k in range(plan.copies):
+    total = plan.copies * plan.copy_sets
+    for k in range(total):
         # Each copy's augmentations come from their own seed, so the cache key pins them.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + k)
@@ -228,7 +235,7 @@ def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: 
             split.augmented_feats.append(image_features(
                 model.image_encoder, loader, len(ds), keep_tokens=tokens, cache_dir=plan.folder,
                 data_key=f"{ds._fingerprint}|{augment}|seed={seed}|copy={k}",
-                progress=progress, desc=f"caching augmented copy {k + 1}/{plan.copies}",
+                progress=progress, desc=f"caching augmented copy {k + 1}/{total}",
             ))
 
 
@@ -251,7 +258,8 @@ def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: A
     labels = split.dataset["label"] if "label" in split.dataset.column_names else None
     labels = None if labels is None or None in labels else labels  # (N,) class ids, only when every row has one
     return CachedCaptionCollator(feats, split.captions, text_cache, text_rows, model.tokenizer,
-                                 model.text_encoder.config.max_length, train=train, seed=seed, labels=labels, templates=templates)
+                                 model.text_encoder.config.max_length, train=train, seed=seed, labels=labels, templates=templates,
+                                 copy_sets=plan.copy_sets if train else 1)
 
 
 def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
@@ -324,7 +332,8 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
             if section is not None:
                 splits[name] = load_split(name, section, reports)
 
-    plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective))
+    split_members = len(model.image_projection_modules) if cfg.objective.member_batches == "split" else 1
+    plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective), copy_sets=split_members)
     bs = cfg.data.eval_batch_size
     progress = accelerator.is_local_main_process
     text_cache = None
@@ -341,8 +350,9 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                 cache_image_features(model, split, plan, cfg.data.augment, cfg.train.seed, bs, progress, train=split is train_split)
             if plan.text_frozen:
                 text_cache, text_rows = cache_text_features(model, caption_texts(splits, templates), plan, progress)
-        logger.info("Frozen towers: training on cached features (image%s%s).", " and text" if text_cache else "",
-                    f", {plan.copies} augmented cop{'y' if plan.copies == 1 else 'ies'} of the training images" if plan.copies else "")
+        logger.info("Frozen towers: training on cached features (image%s%s%s).", " and text" if text_cache else "",
+                    f", {plan.copies} augmented cop{'y' if plan.copies == 1 else 'ies'} of the training images" if plan.copies else "",
+                    f" for each of the {plan.copy_sets} image projections" if plan.copy_sets > 1 else "")
 
     if plan.cache:
         train_loader = torch.utils.data.DataLoader(

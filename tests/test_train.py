@@ -347,5 +347,5 @@ def test_split_member_batches_give_each_member_its_own_slice():
         torch.testing.assert_close(p.grad, before)
     assert all(p.grad.abs().sum() > 0 for p in model.image_projection_modules[1].parameters())
     few = {"pixel_values": batch["pixel_values"][:1], **model.tokenize(texts[:1])}
-    with pytest.raises(ValueError, match="train.batch_size to 2 times"):
+    with pytest.raises(ValueError, match="set train.batch_size to 2 times"):
         split(model, few, StepInfo(0, 10))
