@@ -63,9 +63,10 @@ class CaptionObjectiveConfig:
     # batch. "shared": every member trains on every row. "split": member k trains on its own
     # k-th slice of the batch (set train.batch_size to K times the batch one member should
     # see), so the members see different data in a different order and, with cached
-    # features, their own data.augmented_copies, as separately seeded runs do, in one run. On held-out OpenMoji names 3 split members gain 2 points of
-    # zero-shot top-5 over one projection and no top-1; separate runs merged by
-    # scripts/ensemble_models.py gain top-1 too (README, "Transfer").
+    # features, their own data.augmented_copies, as separately seeded runs do, in one
+    # run. On held-out OpenMoji names 3 split members gain 2 points of zero-shot top-5
+    # over one projection and no top-1; separate runs merged by scripts/ensemble_models.py
+    # gain top-1 too (README, "Transfer").
     member_batches: Literal["shared", "split"] = "shared"
 
 
