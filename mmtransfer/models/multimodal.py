@@ -397,10 +397,7 @@ def ensemble_image_projections(models: Sequence[MultimodalModel]) -> MultimodalM
                 "projection is ensembled. Train with frozen towers (freeze.text/freeze.image), text_projection=none and "
                 "no fusion layer (fusion.num_layers=0), as configs/openmoji_transfer.yaml does."
             )
-    members: list[Projection] = []
-    for m in models:
-        proj = m.image_projection
-        members += list(proj.projections) if isinstance(proj, ProjectionEnsemble) else [proj]
+    members = [p for m in models for p in m.image_projection_modules]
     merged = copy.deepcopy(first)
     merged.config = replace(first.config, image_projection_members=len(members))
     merged.image_projection = ProjectionEnsemble([copy.deepcopy(p) for p in members])
