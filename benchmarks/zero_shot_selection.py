@@ -67,6 +67,12 @@ VARIANTS = {
     "soft1_t0.1": ["objective.soft_targets=1.0", "objective.soft_target_temperature=0.1"],
     "members3": ["model.image_projection_members=3"],
     "members3_split": ["model.image_projection_members=3", "objective.member_batches=split", "train.batch_size=192"],
+    # The frozen-encoder baseline at the recipe's 224 px: frozen towers, the text side as MiniLM
+    # gives it, one linear map of the plain image features (no MLP, dropout or augmentation),
+    # captions as written.
+    "frozen_linear": ["model.image_projection=linear", "model.projection_dropout=0", "data.augmented_copies=0",
+                      "data.augment.degrees=0", "data.augment.translate=0", "data.augment.scale=null",
+                      "data.augment.color_jitter=0", "data.caption_templates=null"],
 }
 
 Tests = dict[str, tuple[str, list[str]]]  # zero-shot evaluations: name -> (recipe of scripts/transfer_classify.py, its overrides)

@@ -27,3 +27,26 @@ def test_recipe_loads_into_one_script_config(path):
         if cls is not DistillConfig or cfg.teacher is not None:
             fits.append(cls.__name__)
     assert len(fits) == 1, f"{path.name} fits {fits or 'no script config'}"
+
+
+def _zero_shot_selection():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "zero_shot_selection.py"
+    spec = importlib.util.spec_from_file_location("zero_shot_selection_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+BENCH = _zero_shot_selection()
+
+
+@pytest.mark.parametrize("variant", list(BENCH.VARIANTS))
+def test_zero_shot_selection_variants_are_valid_overrides(variant):
+    """Each benchmark variant loads onto its recipe (a misspelt key would fail only after minutes of caching)."""
+    recipe = Path(BENCH.ROOT) / "configs" / f"{BENCH.RECIPE}.yaml"
+    cfg = load_config(FinetuneConfig, recipe, BENCH.VARIANTS[variant])
+    if variant == "frozen_linear":
+        assert cfg.model.image_projection == "linear" and cfg.data.augmented_copies == 0
+        assert not cfg.data.augment.enabled and cfg.data.caption_templates is None
