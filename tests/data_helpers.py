@@ -13,6 +13,18 @@ from typing import Any
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_repo_module(relative_path: str) -> Any:
+    """A script or benchmark of this repository (e.g. "benchmarks/domain_digits.py"), imported as a module."""
+    import importlib.util
+
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def save_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (24, 20), color: Any = None, fmt: str | None = None) -> Path:

@@ -14,9 +14,11 @@ from PIL import Image
 from mmtransfer.data import DataError, load, load_with_report, open_image, validate
 
 try:
-    from data_helpers import exif_rotated_jpeg, garbage_file, png_with_size, preprocessor, save_image, truncated_png, write_csv, write_jsonl
+    from data_helpers import (exif_rotated_jpeg, garbage_file, load_repo_module, png_with_size, preprocessor, save_image,
+                              truncated_png, write_csv, write_jsonl)
 except ImportError:  # tests/ collected as a package
-    from tests.data_helpers import exif_rotated_jpeg, garbage_file, png_with_size, preprocessor, save_image, truncated_png, write_csv, write_jsonl
+    from tests.data_helpers import (exif_rotated_jpeg, garbage_file, load_repo_module, png_with_size, preprocessor, save_image,
+                                    truncated_png, write_csv, write_jsonl)
 
 
 def folder_with(tmp_path, bad_name: str, make_bad) -> "tuple":
@@ -250,12 +252,7 @@ def test_validate_a_dataset_object(tmp_path):
 
 
 def test_validate_script_exit_codes(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("validate_data", Path(__file__).resolve().parents[1] / "scripts" / "validate_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_repo_module("scripts/validate_data.py")
     good = tmp_path / "good"
     save_image(good / "a.png")
     write_jsonl(good / "metadata.jsonl", [{"file_name": "a.png", "text": "fine"}])

@@ -6,6 +6,11 @@ import json
 
 import pytest
 
+try:
+    from data_helpers import load_repo_module
+except ImportError:  # tests/ collected as a package
+    from tests.data_helpers import load_repo_module
+
 
 def test_help_lists_config_keys(run_script):
     out = run_script("scripts/domain_adapt.py", "--help").stdout
@@ -95,13 +100,7 @@ def test_render_script_missing_font_is_one_line(tmp_path, run_script):
 
 
 def test_benchmark_refuses_overrides_swallowed_by_recipes(monkeypatch, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "domain_digits.py"
-    spec = importlib.util.spec_from_file_location("domain_digits_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_repo_module("benchmarks/domain_digits.py")
     monkeypatch.setattr(bench, "run_one", lambda *a, **k: pytest.fail("no run should start"))
     monkeypatch.setattr("sys.argv", ["domain_digits.py", "--recipes", "digits_mnist_usps_source_only_weighted", "reweight.power=0.5"])
     with pytest.raises(SystemExit) as exc:

@@ -12,6 +12,11 @@ from mmtransfer.config import ConfigError, load_config
 from mmtransfer.distill import DistillConfig
 from mmtransfer.finetune import FinetuneConfig
 
+try:
+    from data_helpers import load_repo_module
+except ImportError:  # tests/ collected as a package
+    from tests.data_helpers import load_repo_module
+
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
@@ -29,17 +34,7 @@ def test_recipe_loads_into_one_script_config(path):
     assert len(fits) == 1, f"{path.name} fits {fits or 'no script config'}"
 
 
-def _zero_shot_selection():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "zero_shot_selection.py"
-    spec = importlib.util.spec_from_file_location("zero_shot_selection_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-BENCH = _zero_shot_selection()
+BENCH = load_repo_module("benchmarks/zero_shot_selection.py")
 
 
 @pytest.mark.parametrize("variant", list(BENCH.VARIANTS))
