@@ -211,6 +211,7 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     import mmtransfer
 
     from . import data as mmdata
+    from .distributed import is_main_process
     from .evaluate import confusion_matrix, plot_confusion
     from .train import fast_dev_slice
     from .transfer import DEFAULT_TEMPLATES, ImageClassifier, LinearHead
@@ -231,6 +232,8 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         raise ValueError(f"method.mode={mode} trains on labelled images: set data.train (e.g. {{name: openmoji, split: train}}).")
 
     path = Path(cfg.model)
+    # A preset's new projections are drawn at random: seeded, so every run and every process draws the same.
+    torch.manual_seed(cfg.train.seed)
     base = mmtransfer.load(str(path)) if path.is_dir() else mmtransfer.create_model(cfg.model)
     base.eval()
     templates = cfg.method.templates or list(DEFAULT_TEMPLATES)
@@ -317,10 +320,11 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         results["runs"] = {k: {m: (mean_std(v) if m != "sweep" else v) for m, v in d.items()} for k, d in runs.items()}
 
     conf = confusion_matrix(best_logits.argmax(1), test_y, len(names))
-    plot_confusion(conf, names, run_dir / "confusion.png", title=f"{mode}: test confusion (row-normalised)")
     results["final"] = _brief(best_metrics)
-    (run_dir / "results.json").write_text(json.dumps({**results, "per_class": best_metrics["per_class"]}, indent=2))
-    (run_dir / "results.md").write_text(_markdown(results, best_metrics))
+    if is_main_process():  # every process holds the same results; one writes them
+        plot_confusion(conf, names, run_dir / "confusion.png", title=f"{mode}: test confusion (row-normalised)")
+        (run_dir / "results.json").write_text(json.dumps({**results, "per_class": best_metrics["per_class"]}, indent=2))
+        (run_dir / "results.md").write_text(_markdown(results, best_metrics))
     results["run_dir"] = str(run_dir)
     return results
 

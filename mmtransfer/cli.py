@@ -100,10 +100,13 @@ def parse_args(cls: type[T], description: str, argv: list[str] | None = None) ->
 
 def run_main(fn: Any, *args: Any) -> Any:
     """Call ``fn``; errors meant for people (bad data, names, configs) end with one line, not a stack trace."""
+    from .checkpoint import CheckpointError
     from .config import ConfigError as _ConfigError
     from .registry import UnknownModelError
+    from .train import LaunchError, RunFolderError
 
-    known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, FileNotFoundError)
+    known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, FileNotFoundError, CheckpointError,
+                                              LaunchError, RunFolderError)
     try:
         from .data.config import DataError
 
@@ -111,7 +114,11 @@ def run_main(fn: Any, *args: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     try:
-        return fn(*args)
+        result = fn(*args)
     except known as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    from .distributed import is_main_process
+
+    # Under several processes every one returns the results; only the main process reports them.
+    return result if is_main_process() else None

@@ -6,6 +6,15 @@ import torch
 import torch.distributed as dist
 
 
+def is_main_process() -> bool:
+    """True in a single process, and in process 0 of a distributed run (before or after Accelerate starts)."""
+    import os
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) when not distributed."""
     if dist.is_available() and dist.is_initialized():

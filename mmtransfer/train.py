@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import to_dict
 from .schedules import LR_SCHEDULES
 
@@ -127,7 +128,7 @@ class TrainResult:
 
 
 class _TrainState:
-    """The loop's counters, saved and restored with every checkpoint."""
+    """The loop's counters, saved with every checkpoint as JSON (``trainer_state.json``)."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -139,6 +140,77 @@ class _TrainState:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+
+
+class LaunchError(RuntimeError):
+    """The processes that were started are not the ones that were asked for."""
+
+
+class RunFolderError(OSError):
+    """The run folder cannot be created or written (a file in the way, read-only, disk full)."""
+
+
+def _folder_error(folder: Path, err: OSError, doing: str) -> RunFolderError:
+    reason = err.strerror or str(err)
+    return RunFolderError(
+        f"Cannot {doing} in the run folder '{folder}': {reason}. Free some space or choose another folder with "
+        "train.output_dir=...; a run that stops here keeps its last complete checkpoint (train.resume=latest)."
+    )
+
+
+def prepare_run_folder(folder: Path) -> None:
+    """Create ``folder`` and check that it takes files, before any model or data is loaded.
+
+    Raises:
+        RunFolderError: a file stands where a folder should be, the folder is read-only, or the disk is full.
+    """
+    probe = folder / f".write-test-{os.getpid()}"  # one per process: several may check at once
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(
+            f"Cannot write the run folder '{folder}' (train.output_dir): {err.strerror or err}. "
+            "Choose a folder you can write to with train.output_dir=..."
+        ) from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file renamed into place: a crash or full disk never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _folder_error(path.parent, err, f"write {path.name}") from None
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a ``metrics.jsonl`` and how many unreadable lines were left out.
+
+    A run killed while writing leaves a partial last line; it is dropped (with
+    any other line that is not a JSON object) instead of making the run
+    impossible to resume.
+    """
+    records: list[dict[str, Any]] = []
+    bad = 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -228,6 +300,35 @@ def fast_dev_slice(config: TrainConfig, sections: Iterable[Any], rows: int) -> N
             section.max_samples = min(section.max_samples or rows, rows)
 
 
+def _launched_processes() -> int:
+    """The world size a launcher (torchrun, accelerate launch, mpirun) set in the environment; 1 without one."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _has_accelerator_device() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def check_launch() -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N``, which starts one process where N were asked.
+
+    Accelerate's CPU launcher runs the script once unless mpirun is configured; it
+    still sets MASTER_ADDR for the N processes it was asked for, which is how the
+    mismatch shows. Training on with one process would silently change the global
+    batch, so the run stops and says what to type instead.
+    """
+    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ
+            and _launched_processes() == 1):
+        raise LaunchError(
+            "accelerate launch --cpu with --num_processes > 1 started only this one process (Accelerate's CPU launcher "
+            "needs mpirun for more). To train with N processes on CPUs run: torchrun --nproc_per_node N "
+            "scripts/<script>.py ...; to run one process, drop --num_processes."
+        )
+
+
 def make_accelerator(config: TrainConfig) -> Any:
     """The Accelerator for a run: precision, accumulation, trackers and seeded data order."""
     from accelerate import Accelerator
@@ -237,9 +338,14 @@ def make_accelerator(config: TrainConfig) -> Any:
         config.max_steps, config.eval_every, config.save_every = 2, 0, 0
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 or no.")
+    check_launch()
     run_dir = Path(config.output_dir)
+    prepare_run_folder(run_dir)
     trackers = list(config.trackers) if not config.fast_dev_run else []
     accelerator = Accelerator(
+        # Under torchrun without a GPU, Accelerate would treat every process as a lone main process
+        # (each logging, each writing the run folder) unless ACCELERATE_USE_CPU is set: say it here.
+        cpu=_launched_processes() > 1 and not _has_accelerator_device(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         log_with=trackers or None,
@@ -311,37 +417,53 @@ class Trainer:
             prepared = self.accelerator.prepare(task, optimizer, train_loader, *loaders.values())
             self.task, self.optimizer, self.train_loader = prepared[:3]
             self.eval_loaders = dict(zip(loaders, prepared[3:]))
-        self.accelerator.register_for_checkpointing(self.state)
         self._evaluate = evaluate
         self._export = export
         self.run_config = run_config
         self.summary_extra = dict(summary_extra or {})
         self.records: list[dict[str, Any]] = []
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            prepare_run_folder(self.run_dir)
             import yaml
 
             if run_config is None:
                 data = {"train": to_dict(config), "optim": to_dict(optim)}
             else:
                 data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
         if trackers:
             self.accelerator.init_trackers("mmtransfer", config=_flat_hparams(run_config))
 
     # -- checkpoints ---------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write a resumable checkpoint; written to a temporary folder, then renamed."""
+        """Write a resumable checkpoint (:mod:`mmtransfer.checkpoint`) to a temporary folder, then rename it.
+
+        A crash or a full disk leaves at most the temporary folder, which the next
+        save removes; ``resume=latest`` only ever sees complete checkpoints.
+        """
         acc = self.accelerator
         final = self.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.state.step}"
         tmp = final.with_name(f".tmp-{final.name}")
+        failed = torch.zeros(1, device=acc.device)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError:
+                failed += 1
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        error: OSError | None = None
+        if not acc.reduce(failed, "sum").item():
+            try:
+                checkpoint.save(tmp, acc, self.task, self.optimizer, self.state.state_dict())
+            except OSError as err:
+                error, failed = err, failed + 1
+        # Every process learns whether any failed, so that all of them stop together instead of waiting.
+        if acc.reduce(failed, "sum").item():
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _folder_error(final.parent, error or OSError("another process could not write"), "write a checkpoint")
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -364,14 +486,23 @@ class Trainer:
             path = Path(spec)
             if not path.is_dir():
                 raise FileNotFoundError(f"train.resume: checkpoint folder '{path}' does not exist. Use 'latest' or a folder under {self.run_dir / 'checkpoints'}.")
-        self.accelerator.load_state(str(path))
+        self.state.load_state_dict(checkpoint.load(path, self.accelerator, self.task, self.optimizer))
         logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, self.state.step, self.state.epoch, self.state.batches_in_epoch)
         self._load_records()
 
     def _load_records(self) -> None:
+        """Read back the log up to the resumed step; rewrite it so that appends continue a clean file."""
         path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= self.state.step]
+        if not path.is_file():
+            return
+        records, bad = read_metrics(path)
+        later = sum(1 for r in records if r.get("step", 0) > self.state.step)
+        self.records = [r for r in records if r.get("step", 0) <= self.state.step]
+        if bad and self.accelerator.is_main_process:
+            logger.warning("%s: left out %d unreadable line(s) (a run stopped while writing leaves a partial last line).", path, bad)
+        if (bad or later) and self.accelerator.is_main_process:
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.accelerator.wait_for_everyone()
 
     # -- logging -------------------------------------------------------------------
 
@@ -380,8 +511,31 @@ class Trainer:
         self.records.append(record)
         self.accelerator.log(values, step=self.state.step)
         if self.accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            try:
+                with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise _folder_error(self.run_dir, err, "append to metrics.jsonl") from None
+
+    def _global_means(self, running: dict[str, list[float]]) -> dict[str, float]:
+        """Each metric's mean over the logging window and over every process.
+
+        Sums and counts are added up across processes, so a metric that some
+        process did not report (e.g. a loss term its batch had no rows for) is
+        averaged over the values that exist; with equal counts this is the mean
+        of the per-process means, i.e. the metric of the global batch.
+        """
+        acc = self.accelerator
+        keys = sorted(running)
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            keys = sorted(set().union(*gather_object([keys])))
+        sums = torch.tensor([[sum(running.get(k, ())), len(running.get(k, ()))] for k in keys], dtype=torch.float64,
+                            device=acc.device).reshape(-1, 2)  # (K, 2): sum, count
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, "sum")
+        return {k: float(total / max(count, 1.0)) for k, (total, count) in zip(keys, sums.tolist())}
 
     def run_evaluation(self) -> dict[str, float]:
         if self._evaluate is None:
@@ -483,7 +637,7 @@ class Trainer:
             self.state.step += 1
             bar.update(1)
             if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
-                values = {k: sum(v) / len(v) for k, v in running.items()}
+                values = self._global_means(running)
                 values["train/lr"] = self.optim_config.lr * lr_mult
                 running = {}
                 self.log(values)
@@ -511,7 +665,10 @@ class Trainer:
         if acc.is_main_process:
             if self._export is not None:
                 model_dir = self.run_dir / "model"
-                self._export(acc.unwrap_model(self.task), model_dir)
+                try:
+                    self._export(acc.unwrap_model(self.task), model_dir)
+                except OSError as err:
+                    raise _folder_error(self.run_dir, err, "export the model") from None
             plot = plot_curves(self.records, self.run_dir / "curves.png")
             summary = {
                 "steps": self.state.step,
@@ -522,7 +679,7 @@ class Trainer:
                 "curves": str(plot) if plot else None,
                 **self.summary_extra,
             }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return model_dir
 

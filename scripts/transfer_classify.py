@@ -21,6 +21,8 @@ def main() -> None:
     config, args = parse_args(ClassifyConfig, __doc__)
     setup_logging()
     results = run_main(run, config, args.fast_dev_run)
+    if results is None:  # not the main process
+        return
     z = results["zero_shot"]
     print(f"\n{results['classes']} classes, {results['test_images']} test images (chance {results['chance_top1']:.2f}%)")
     print(f"zero-shot          top-1 {z['top1']:6.2f}   top-5 {z.get('top5', float('nan')):6.2f}   macro-F1 {z['macro_f1']:6.2f}")

@@ -57,6 +57,12 @@ class TextEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        # The tower pools its own tokens (mean or first token), so a BERT-style pooler head
+        # (`pooler.dense`) would be computed and never reach a loss: under several processes
+        # DDP then stops on parameters that get no gradient. It is dropped, not frozen, so no
+        # freezing policy can make it trainable again.
+        if isinstance(getattr(model, "pooler", None), nn.Module):
+            model.pooler = None
         self.model = model
         self.tokenizer = tokenizer
         # Keys the pretrained checkpoint lacked or had in excess (empty when it fit exactly).
@@ -81,7 +87,8 @@ class TextEncoder(nn.Module):
         report = None
         if config.pretrained:
             model, info = _load_hf("model", AutoModel, source, config=hf_config, output_loading_info=True)
-            report = {k: sorted(info.get(k, ())) for k in ("missing_keys", "unexpected_keys")}
+            # The pooler head is dropped (see __init__): whether the checkpoint had one does not matter.
+            report = {k: sorted(n for n in info.get(k, ()) if not n.startswith("pooler.")) for k in ("missing_keys", "unexpected_keys")}
             if report["missing_keys"] or report["unexpected_keys"]:
                 logger.warning(
                     "Text encoder '%s': %d weights missing from the checkpoint (freshly initialised), %d unused: %s",
