@@ -65,6 +65,11 @@ class DataConfig:
     # Folder that relative image paths of a caption table resolve against.
     # None: the table's own folder.
     image_root: str | None = None
+    # False: image files must lie inside the data set's folder (the table's folder, or
+    # image_root when set), links resolved: rows naming "../x.png", an absolute path or a
+    # link elsewhere are bad samples, and linked class folders leading out are not walked.
+    # True: read image files wherever they are (a table listing several places).
+    allow_outside_root: bool = False
     # Folder of the digit archives (mnist5k.npz, usps.npz, mnist_m.npz).
     # None: the environment variable MMTRANSFER_DATA_DIR.
     data_dir: str | None = None

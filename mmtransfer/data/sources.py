@@ -98,6 +98,34 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+class RootFence:
+    """Keeps image paths inside a data set's folder (unless ``allow_outside_root``).
+
+    Only the resolved name is compared (``..`` and links followed), never the
+    file out there, so the answer and its message are the same whether or not
+    something exists outside.
+    """
+
+    def __init__(self, root: Path, config: DataConfig) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.open = config.allow_outside_root
+
+    def reason(self, what: str = "file") -> str:
+        return (f"the path leads outside the data set folder {self.root}, so it is not read; move the {what} into "
+                "that folder, or set allow_outside_root=True to read files elsewhere")
+
+    def keeps_out(self, path: str | os.PathLike[str]) -> bool:
+        """True when ``path`` resolves outside the root and outside paths are not allowed."""
+        if self.open:
+            return False
+        real = os.path.realpath(path)
+        try:
+            return os.path.commonpath([real, self.real_root]) != self.real_root
+        except ValueError:  # another drive (Windows): outside
+            return True
+
+
 def _captions_of(value: Any) -> tuple[list[str], list[str]]:
     """A cell -> (captions, reasons for the bad entries)."""
     if _is_missing(value):
@@ -267,6 +295,7 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
     label_col = _pick_column(columns, config.label_column, LABEL_COLUMN_GUESSES, "label", "label_column", table, required=False)
     domain_col = _pick_column(columns, config.domain_column, ("domain",), "domain", "domain_column", table, required=False)
     root = image_root or (Path(config.image_root).expanduser() if config.image_root else path.parent)
+    fence = RootFence(root, config)
     labels = _Labels(config.class_names, [r.get(label_col) for _, r in good_rows], label_col, table) if label_col else None
 
     # file -> one record; rows naming the same file add captions.
@@ -281,6 +310,10 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
         full = Path(name).expanduser()
         full = full if full.is_absolute() else root / full
         key = os.path.normpath(full)
+        # Before any look at the file, so that an outside path reads the same whether or not it exists.
+        if fence.keeps_out(key):
+            problems.append(Problem(where, name, fence.reason()))
+            continue
         if not os.path.isfile(key):
             problems.append(Problem(where, name, f"the file does not exist (looked for {key}); fix the path or image_root, or add the file"))
             continue
@@ -376,7 +409,20 @@ def _image_files(folder: Path) -> list[Path]:
 
 def stage_class_folders(root: Path, config: DataConfig, source: str) -> Staged:
     """``root/<class>/<image>``: one sub-folder per class (the imagefolder convention)."""
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    fence = RootFence(root, config)
+    problems: list[Problem] = []
+    class_dirs = []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        # os.walk follows a linked top folder: one leading out (to "/", say) would walk the disk.
+        if fence.keeps_out(d):
+            problems.append(Problem(d.name + "/", None, fence.reason("class folder")))
+        else:
+            class_dirs.append(d)
+    if not class_dirs and problems:
+        raise DataError(
+            f"Every class folder of {root} ({', '.join(p.where for p in problems[:5])}) is a link leading outside it, so "
+            f"none is read; move the images into {root}, or set allow_outside_root=True to read them where they are."
+        )
     if not class_dirs:
         raise DataError(
             f"The folder {root} has no class sub-folders and no metadata.jsonl/metadata.csv. Put images in one "
@@ -392,7 +438,6 @@ def stage_class_folders(root: Path, config: DataConfig, source: str) -> Staged:
         names = list(config.class_names)
     else:
         names = readable
-    problems: list[Problem] = []
     for stray in sorted(p for p in root.iterdir() if p.is_file() and _is_candidate_image(p)):
         problems.append(Problem(stray.name, stray.name, "the image is not inside a class folder, so it has no label"))
     records, wheres = [], []
@@ -404,6 +449,9 @@ def stage_class_folders(root: Path, config: DataConfig, source: str) -> Staged:
                 if not _is_candidate_image(path):
                     continue
                 rel = os.path.relpath(path, root)
+                if fence.keeps_out(path):  # a linked file; linked sub-folders are not walked (os.walk's default)
+                    problems.append(Problem(rel, rel, fence.reason()))
+                    continue
                 records.append({"image": str(path), "captions": [name], "label": label, "domain": source})
                 wheres.append(rel)
     if not records and not problems:
@@ -441,6 +489,11 @@ def stage_folder(folder: Path, config: DataConfig, source: str) -> Staged:
     if config.split is not None:
         sub = folder / config.split
         if sub.is_dir():
+            if RootFence(folder, config).keeps_out(sub):
+                raise DataError(
+                    f"The split folder {sub} is a link leading outside {folder}, so it is not read; move it into "
+                    f"{folder}, or set allow_outside_root=True to read it where it is."
+                )
             staged = stage_folder(sub, dataclasses.replace(config, split=None), source)
             staged.split = config.split
             return staged
