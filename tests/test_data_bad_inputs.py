@@ -365,3 +365,56 @@ def test_split_folder_linked_outside_is_refused(tmp_path):
     with pytest.raises(DataError, match="split folder .*train is a link leading outside"):
         load(tmp_path / "set", split="train")
     assert len(load(tmp_path / "set", split="train", allow_outside_root=True)) == 1
+
+
+# ----------------------------------------------------------------------------- tables that are not UTF-8
+
+
+def _latin1_folder(tmp_path, table: str) -> "tuple":
+    """Three images; the table's second row holds 'café' written as Latin-1 (the byte 0xe9)."""
+    root = tmp_path / "imgs"
+    for name in ("a.png", "b.png", "c.png"):
+        save_image(root / name)
+    if table == "metadata.jsonl":
+        body = b'{"file_name": "a.png", "text": "tea"}\n{"file_name": "b.png", "text": "caf\xe9"}\n{"file_name": "c.png", "text": "milk"}\n'
+        where = "metadata.jsonl line 2"
+    else:  # with a byte-order mark, which is still fine
+        body = b"\xef\xbb\xbffile_name,text\na.png,tea\nb.png,caf\xe9\nc.png,milk\n"
+        where = "metadata.csv line 3"
+    (root / table).write_bytes(body)
+    return root, where
+
+
+@pytest.mark.parametrize("table", ["metadata.jsonl", "metadata.csv"])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, table):
+    root, where = _latin1_folder(tmp_path, table)
+    with pytest.raises(DataError) as err:
+        load(root)
+    message = str(err.value)
+    assert f"{where}: it holds the byte 0xe9, which is not UTF-8 text; save the table as UTF-8" in message
+    assert "on_bad_sample='skip'" in message
+    out = load_with_report(root, on_bad_sample="skip")
+    assert out.report.skipped == 1 and sorted(c for caps in out.dataset["captions"] for c in caps) == ["milk", "tea"]
+    report = validate(root)  # lists it, never raises
+    assert not report.ok and [p.where for p in report.problems] == [where]
+
+
+def test_bytes_that_are_not_utf8_in_a_json_list(tmp_path):
+    save_image(tmp_path / "a.png")
+    save_image(tmp_path / "b.png")
+    (tmp_path / "rows.json").write_bytes(b'[{"image": "a.png", "caption": "tea"}, {"image": "b.png", "caption": "caf\xe9"}]')
+    out = load_with_report(tmp_path / "rows.json", on_bad_sample="skip")
+    assert len(out.dataset) == 1 and out.report.problems[0].where == "rows.json item 1"
+    assert "0xe9, which is not UTF-8" in out.report.problems[0].reason
+
+
+def test_validate_script_on_tables_that_are_not_utf8(tmp_path, capsys):
+    script = load_repo_module("scripts/validate_data.py")
+    root, where = _latin1_folder(tmp_path, "metadata.csv")
+    assert script.main([str(root)]) == 1  # a bad row: listed with the other bad samples
+    out = capsys.readouterr()
+    assert f"{where}: it holds the byte 0xe9" in out.out and "Traceback" not in out.err
+    (root / "metadata.csv").write_bytes(b"file_name,l\xe9gende\na.png,tea\n")
+    assert script.main([str(root)]) == 2  # no readable header: the table cannot be read at all
+    err = capsys.readouterr().err
+    assert "metadata.csv line 1 (the header): it holds the byte 0xe9, which is not UTF-8 text" in err

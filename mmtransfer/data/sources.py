@@ -217,25 +217,49 @@ def _records_to_dataset(records: list[dict[str, Any]], has_captions: bool, class
 
 # -- caption tables -------------------------------------------------------------
 
+# Tables are read with errors="surrogateescape": a byte that is not UTF-8 becomes one of these
+# code points (never produced by valid UTF-8), so the row holding it can be named and left out.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(value: Any) -> str | None:
+    """Why a cell, row or item read with surrogateescape is not UTF-8 text, or None when it is."""
+    if isinstance(value, str):
+        found = _ESCAPED_BYTE.search(value)
+        if found is None:
+            return None
+        return (f"it holds the byte 0x{ord(found.group()) - 0xDC00:02x}, which is not UTF-8 text; save the table "
+                "as UTF-8 (it may have been written as Latin-1 or Windows-1252)")
+    parts = [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((reason for part in parts if (reason := _not_utf8(part))), None)
+
 
 def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """Rows of a CSV/TSV/JSONL/JSON table as (where, row or None, error)."""
     name = path.name
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8-sig") as fh:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             if reader.fieldnames is None:
                 return
+            reason = _not_utf8(list(reader.fieldnames))
+            if reason:  # without readable column names no row can be read
+                raise DataError(f"{path} line {reader.line_num} (the header): {reason}.")
             for row in reader:
                 if None in row:  # more cells than header names
                     yield f"{name} line {reader.line_num}", None, f"the row has more cells than the header ({len(reader.fieldnames)} columns)"
                     continue
-                yield f"{name} line {reader.line_num}", row, None
+                reason = _not_utf8(list(row.values()))
+                yield f"{name} line {reader.line_num}", None if reason else row, reason
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as fh:
+        with path.open(encoding="utf-8-sig", errors="surrogateescape") as fh:
             for number, line in enumerate(fh, start=1):
                 if not line.strip():
+                    continue
+                reason = _not_utf8(line)
+                if reason:
+                    yield f"{name} line {number}", None, reason
                     continue
                 try:
                     row = json.loads(line)
@@ -248,7 +272,7 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | 
                 yield f"{name} line {number}", row, None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(path.read_text(encoding="utf-8-sig", errors="surrogateescape"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
         if isinstance(data, dict):
@@ -264,7 +288,8 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | 
             if not isinstance(row, dict):
                 yield f"{name} item {number}", None, "the item is not a JSON object"
                 continue
-            yield f"{name} item {number}", row, None
+            reason = _not_utf8(row)
+            yield f"{name} item {number}", None if reason else row, reason
     else:
         raise DataError(f"{path}: caption tables must be .csv, .tsv, .jsonl or .json files.")
 
