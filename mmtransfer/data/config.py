@@ -91,8 +91,11 @@ class DataConfig:
     include_classes: list[str] | str | None = None
     # Leave out the rows of these classes (a list of label names, or such a file).
     exclude_classes: list[str] | str | None = None
-    # Keep only the first N rows of the split (quick experiments); None keeps all.
+    # Keep at most N rows of the split (quick experiments; which ones: sample); None keeps all.
     max_samples: int | None = None
+    # Which rows max_samples keeps: "first" the first N; "balanced" a seeded sample (the
+    # same rows every run) spread evenly over the classes, or the first N without labels.
+    sample: Literal["first", "balanced"] = "first"
     # Emoji sets: side of the square canvas in pixels (the encoders resize).
     image_size: int = 160
     # Emoji sets: also keep skin-tone variants, as classes of their own (always in

@@ -23,10 +23,11 @@ import json
 import logging
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .config import BUILTIN_DATASETS, DataConfig, DataError
 from .report import DataReport, Problem
@@ -48,6 +49,7 @@ CAPTION_COLUMN_GUESSES = ("captions", "caption", "text", "sentences", "sentence"
 LABEL_COLUMN_GUESSES = ("label", "labels")
 SPLIT_FOLDER_NAMES = frozenset({"train", "test", "validation", "valid", "val", "dev", "unseen", "all"})
 PROGRESS_ABOVE = 300  # scans longer than this show a progress bar by default
+SAMPLE_SEED = 0  # sample="balanced" takes the same rows every run, so runs stay comparable
 
 
 # ----------------------------------------------------------------------------- staging
@@ -946,24 +948,53 @@ def select_classes(staged: Staged, config: DataConfig) -> Staged:
     rows = [i for i, y in enumerate(labels) if y in keep]
     if not rows:
         raise DataError(f"include_classes/exclude_classes leave no rows of '{staged.source}' (split {staged.split}).")
+    logger.info("Class selection keeps %d of %d rows (%d classes) of '%s'.",
+                len(rows), len(labels), len({labels[i] for i in rows}), staged.source)
+    return keep_rows(staged, rows)
+
+
+def keep_rows(staged: Staged, rows: Sequence[int]) -> Staged:
+    """``staged`` with only ``rows``, in that order: row problems and row names move with their rows."""
     position = {row: j for j, row in enumerate(rows)}
     problems = [p if p.row is None else dataclasses.replace(p, row=position[p.row]) for p in staged.problems
                 if p.row is None or p.row in position]
     wheres = [staged.wheres[i] for i in rows] if staged.wheres is not None else None
-    logger.info("Class selection keeps %d of %d rows (%d classes) of '%s'.",
-                len(rows), len(labels), len({labels[i] for i in rows}), staged.source)
-    return Staged(ds.select(rows), staged.source, staged.split, problems, wheres, staged.trusted)
+    return Staged(staged.dataset.select(rows), staged.source, staged.split, problems, wheres, staged.trusted)
+
+
+def take_sample(staged: Staged, config: DataConfig) -> Staged:
+    """At most ``max_samples`` rows: the first N, or with ``sample="balanced"`` a seeded sample spread over the classes."""
+    n = config.max_samples
+    ds = staged.dataset
+    if n is None or len(ds) <= n:
+        return staged
+    if config.sample == "balanced" and "label" in ds.column_names:
+        return keep_rows(staged, balanced_rows(_column(ds, "label"), n, SAMPLE_SEED))
+    return keep_rows(staged, range(n))
+
+
+def balanced_rows(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    """``n`` rows spread as evenly as the classes allow, in row order: round after round, one row per class.
+
+    Within a class the rows are drawn at random, and when ``n`` is not a whole number of
+    rounds a random set of classes gets the extra row (both seeded by ``seed``).
+    """
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for row, label in enumerate(labels):
+        by_class.setdefault(label, []).append(row)
+    pools = [rng.sample(rows, len(rows)) for _, rows in sorted(by_class.items())]
+    rng.shuffle(pools)
+    # (round, class slot, row): sorting takes round 0 of every class, then round 1, ...
+    ranked = sorted((depth, slot, row) for slot, pool in enumerate(pools) for depth, row in enumerate(pool))
+    return sorted(row for _, _, row in ranked[:n])
 
 
 def finish(staged: Staged, config: DataConfig, scan: bool = True) -> tuple["Dataset", DataReport]:
-    """Select classes, scan, then apply ``on_bad_sample``: the loaded data set and its report."""
-    staged = select_classes(staged, config)
+    """Select classes, take ``max_samples``, scan, then apply ``on_bad_sample``: the loaded data set and its report."""
+    staged = take_sample(select_classes(staged, config), config)
     ds = staged.dataset
     problems = list(staged.problems)
-    if config.max_samples is not None and len(ds) > config.max_samples:
-        ds = ds.select(range(config.max_samples))
-        problems = [p for p in problems if p.row is None or p.row < config.max_samples]
-        staged = Staged(ds, staged.source, staged.split, problems, staged.wheres, staged.trusted)
     checked = 0
     verify = "none" if staged.trusted else config.verify
     if scan and verify != "none":
