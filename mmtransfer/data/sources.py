@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ LABEL_COLUMN_GUESSES = ("label", "labels")
 SPLIT_FOLDER_NAMES = frozenset({"train", "test", "validation", "valid", "val", "dev", "unseen", "all"})
 PROGRESS_ABOVE = 300  # scans longer than this show a progress bar by default
 SAMPLE_SEED = 0  # sample="balanced" takes the same rows every run, so runs stay comparable
+SIGNATURE_BLOCK = 64 * 1024  # a file's content signature hashes its first and last this many bytes
 
 
 # ----------------------------------------------------------------------------- staging
@@ -1012,8 +1014,56 @@ def finish(staged: Staged, config: DataConfig, scan: bool = True) -> tuple["Data
             "Skipped %d bad sample(s) of '%s' (on_bad_sample='skip'); first:\n%s",
             skipped, staged.source, "\n".join(f"  - {p}" for p in problems[:5]),
         )
+    if not staged.trusted:  # built-in sets are generated from fingerprinted inputs, with their bytes in the table
+        ds = with_content_fingerprint(ds)
     report = make_report(ds, staged, problems, skipped, checked, verify)
     return ds, report
+
+
+def with_content_fingerprint(ds: "Dataset") -> "Dataset":
+    """``ds`` with a fingerprint that also covers the contents of the image files it names.
+
+    A data set of file paths is otherwise fingerprinted by its paths and captions
+    alone, so caches keyed on ``ds._fingerprint`` (the image features on disk)
+    would serve the features of images replaced under the same names. Images
+    stored as bytes are in the table, and so in the fingerprint, already.
+    """
+    from datasets import Image
+
+    if "image" not in ds.column_names or len(ds) == 0 or not isinstance(ds.features["image"], Image):
+        return ds
+    # Arrow columns: the bytes of embedded images are never copied into Python.
+    refs = ds.select_columns(["image"]).cast_column("image", Image(decode=False)).flatten().with_format("arrow")[:]
+    paths = refs.column("image.path").to_pylist()
+    embedded = refs.column("image.bytes").is_valid().to_pylist()
+    files = [(row, path) for row, (path, inline) in enumerate(zip(paths, embedded)) if path and not inline]
+    if not files:
+        return ds
+    digest = hashlib.sha256(ds._fingerprint.encode())
+    for row, path in files:
+        digest.update(f"{row}\0{path}\0".encode())
+        digest.update(file_signature(path))
+    # datasets offers no public way to set it; every later transform derives its fingerprint from this one.
+    ds._fingerprint = digest.hexdigest()[:16]
+    return ds
+
+
+def file_signature(path: str) -> bytes:
+    """Size, modification time and a hash of the first and last 64 KiB (the whole of a small file)."""
+    digest = hashlib.sha256()
+    try:
+        stat = os.stat(path)
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        with open(path, "rb") as fh:
+            if stat.st_size <= 2 * SIGNATURE_BLOCK:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(SIGNATURE_BLOCK))
+                fh.seek(-SIGNATURE_BLOCK, os.SEEK_END)
+                digest.update(fh.read(SIGNATURE_BLOCK))
+    except OSError as err:  # gone or unreadable since the scan (or never scanned): a key of its own, not a crash
+        digest.update(f"unreadable:{err.errno}".encode())
+    return digest.digest()
 
 
 def make_report(ds: "Dataset", staged: Staged, problems: list[Problem], skipped: int, checked: int, verify: str) -> DataReport:
