@@ -60,7 +60,7 @@ from .losses.reweight import ImportanceWeights
 from .models.lenet import LeNet, LeNetConfig
 from .models.preprocess import AugmentConfig, ImagePreprocessor
 from .schedules import dann_lambda
-from .train import OptimConfig, StepInfo, TaskOutput, TrainConfig
+from .train import OptimConfig, StepInfo, TaskOutput, TrainConfig, fast_dev_slice
 
 logger = logging.getLogger(__name__)
 
@@ -1047,10 +1047,9 @@ def _with_rows(collate: Any, sources: _Sources) -> Any:
 
 
 def _fast_dev(cfg: AdaptConfig) -> None:
-    cfg.train.fast_dev_run = True
-    for section in (cfg.data.source, *cfg.data.extra_sources, cfg.data.target, cfg.data.target_test, cfg.data.source_test):
-        if section is not None:
-            section.max_samples = min(section.max_samples or 64, 64)
+    # A balanced sample of 64 rows per section: the first 64 digits are all one class.
+    fast_dev_slice(cfg.train, (cfg.data.source, *cfg.data.extra_sources, cfg.data.target, cfg.data.target_test,
+                               cfg.data.source_test), 64)
     cfg.data.max_eval_samples = min(cfg.data.max_eval_samples or 64, 64)
     cfg.train.batch_size = min(cfg.train.batch_size, 16)
     cfg.plot.max_points = min(cfg.plot.max_points, 64)

@@ -298,6 +298,7 @@ def fast_dev_slice(config: TrainConfig, sections: Iterable[Any], rows: int) -> N
     for section in sections:
         if section is not None:
             section.max_samples = min(section.max_samples or rows, rows)
+            section.sample = "balanced"  # the first rows of a set sorted by class are one class: accuracies would mean nothing
 
 
 def _launched_processes() -> int:

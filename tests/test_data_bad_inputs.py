@@ -273,3 +273,148 @@ def test_collator_names_a_file_that_went_bad_after_loading(tmp_path):
     loader = make_loader(ds, LabelCollator(preprocessor(), require_labels=False), batch_size=3)
     with pytest.raises(DataError, match="later.png.*validate_data.py"):
         next(iter(loader))
+
+
+# ----------------------------------------------------------------------------- paths outside the data set folder
+
+
+def _outside_reason(reason: str) -> bool:
+    return reason.startswith("the path leads outside the data set folder")
+
+
+def test_table_rows_leading_outside_the_folder_are_bad_samples(tmp_path):
+    root = tmp_path / "imgs"
+    save_image(root / "good1.png")
+    save_image(root / "good2.png")
+    secret = save_image(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(secret)
+    write_jsonl(root / "metadata.jsonl", [
+        {"file_name": "good1.png", "text": "one"},
+        {"file_name": "../secret.png", "text": "up and out"},
+        {"file_name": str(secret), "text": "absolute"},
+        {"file_name": "link.png", "text": "a link out"},
+        {"file_name": "../no-such-file.png", "text": "nothing there"},
+        {"file_name": "good2.png", "text": "two"},
+    ])
+    with pytest.raises(DataError) as err:
+        load(root)
+    message = str(err.value)
+    assert "metadata.jsonl line 2 (../secret.png): the path leads outside the data set folder" in message
+    assert "allow_outside_root=True" in message
+    out = load_with_report(root, on_bad_sample="skip")
+    assert len(out.dataset) == 2 and out.report.skipped == 4
+    assert [p.where for p in out.report.problems] == [f"metadata.jsonl line {i}" for i in (2, 3, 4, 5)]
+    assert all(_outside_reason(p.reason) for p in out.report.problems)
+    # Whether something exists out there makes no difference to what the user is told.
+    assert len({p.reason for p in out.report.problems}) == 1
+    # The option reads them (the missing one is then reported as missing).
+    opened = load_with_report(root, on_bad_sample="skip", allow_outside_root=True)
+    assert len(opened.dataset) == 4 and opened.report.skipped == 1
+    assert "does not exist" in opened.report.problems[0].reason
+
+
+def test_image_root_is_the_folder_paths_must_stay_in(tmp_path):
+    pictures = tmp_path / "pictures"
+    save_image(pictures / "x.png")
+    save_image(tmp_path / "elsewhere" / "y.png")
+    table = write_csv(tmp_path / "tables" / "caps.csv", ["file_name", "text"], [["x.png", "in"], ["../elsewhere/y.png", "out"]])
+    out = load_with_report(table, image_root=str(pictures), on_bad_sample="skip")
+    assert len(out.dataset) == 1 and out.report.skipped == 1
+    assert out.report.problems[0].where == "caps.csv line 3" and _outside_reason(out.report.problems[0].reason)
+    assert str(pictures) in out.report.problems[0].reason
+
+
+def test_class_folders_do_not_follow_links_leading_outside(tmp_path):
+    outside = tmp_path / "outside"
+    save_image(outside / "dog1.png")
+    save_image(outside / "dog2.png")
+    secret = save_image(tmp_path / "secret.png")
+    root = tmp_path / "pets"
+    save_image(root / "cat" / "a.png")
+    save_image(root / "cat" / "b.png")
+    (root / "cat" / "link.png").symlink_to(secret)
+    (root / "dog").symlink_to(outside, target_is_directory=True)
+    (root / "cat" / "nested").symlink_to(outside, target_is_directory=True)  # never walked
+    with pytest.raises(DataError) as err:
+        load(root)
+    message = str(err.value)
+    assert "dog/: the path leads outside" in message and "move the class folder" in message
+    assert "cat/link.png: the path leads outside" in message
+    out = load_with_report(root, on_bad_sample="skip")
+    assert sorted(out.dataset["image_id"]) == [0, 1] and out.report.skipped == 2
+    assert out.dataset.features["label"].names == ["cat"]
+    # A link that stays inside the folder is fine.
+    (root / "kitty").symlink_to(root / "cat", target_is_directory=True)
+    assert load_with_report(root, on_bad_sample="skip").dataset.features["label"].names == ["cat", "kitty"]
+    opened = load(root, allow_outside_root=True)
+    assert opened.features["label"].names == ["cat", "dog", "kitty"] and len(opened) == 3 + 2 + 3
+
+
+def test_only_linked_class_folders_is_an_error(tmp_path):
+    save_image(tmp_path / "outside" / "a.png")
+    (tmp_path / "pets").mkdir()
+    (tmp_path / "pets" / "dog").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(DataError, match="Every class folder of .* is a link leading outside it.*allow_outside_root=True"):
+        load_with_report(tmp_path / "pets", on_bad_sample="skip")
+
+
+def test_split_folder_linked_outside_is_refused(tmp_path):
+    save_image(tmp_path / "outside" / "cat" / "a.png")
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "train").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(DataError, match="split folder .*train is a link leading outside"):
+        load(tmp_path / "set", split="train")
+    assert len(load(tmp_path / "set", split="train", allow_outside_root=True)) == 1
+
+
+# ----------------------------------------------------------------------------- tables that are not UTF-8
+
+
+def _latin1_folder(tmp_path, table: str) -> "tuple":
+    """Three images; the table's second row holds 'café' written as Latin-1 (the byte 0xe9)."""
+    root = tmp_path / "imgs"
+    for name in ("a.png", "b.png", "c.png"):
+        save_image(root / name)
+    if table == "metadata.jsonl":
+        body = b'{"file_name": "a.png", "text": "tea"}\n{"file_name": "b.png", "text": "caf\xe9"}\n{"file_name": "c.png", "text": "milk"}\n'
+        where = "metadata.jsonl line 2"
+    else:  # with a byte-order mark, which is still fine
+        body = b"\xef\xbb\xbffile_name,text\na.png,tea\nb.png,caf\xe9\nc.png,milk\n"
+        where = "metadata.csv line 3"
+    (root / table).write_bytes(body)
+    return root, where
+
+
+@pytest.mark.parametrize("table", ["metadata.jsonl", "metadata.csv"])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path, table):
+    root, where = _latin1_folder(tmp_path, table)
+    with pytest.raises(DataError) as err:
+        load(root)
+    message = str(err.value)
+    assert f"{where}: it holds the byte 0xe9, which is not UTF-8 text; save the table as UTF-8" in message
+    assert "on_bad_sample='skip'" in message
+    out = load_with_report(root, on_bad_sample="skip")
+    assert out.report.skipped == 1 and sorted(c for caps in out.dataset["captions"] for c in caps) == ["milk", "tea"]
+    report = validate(root)  # lists it, never raises
+    assert not report.ok and [p.where for p in report.problems] == [where]
+
+
+def test_bytes_that_are_not_utf8_in_a_json_list(tmp_path):
+    save_image(tmp_path / "a.png")
+    save_image(tmp_path / "b.png")
+    (tmp_path / "rows.json").write_bytes(b'[{"image": "a.png", "caption": "tea"}, {"image": "b.png", "caption": "caf\xe9"}]')
+    out = load_with_report(tmp_path / "rows.json", on_bad_sample="skip")
+    assert len(out.dataset) == 1 and out.report.problems[0].where == "rows.json item 1"
+    assert "0xe9, which is not UTF-8" in out.report.problems[0].reason
+
+
+def test_validate_script_on_tables_that_are_not_utf8(tmp_path, capsys):
+    script = load_repo_module("scripts/validate_data.py")
+    root, where = _latin1_folder(tmp_path, "metadata.csv")
+    assert script.main([str(root)]) == 1  # a bad row: listed with the other bad samples
+    out = capsys.readouterr()
+    assert f"{where}: it holds the byte 0xe9" in out.out and "Traceback" not in out.err
+    (root / "metadata.csv").write_bytes(b"file_name,l\xe9gende\na.png,tea\n")
+    assert script.main([str(root)]) == 2  # no readable header: the table cannot be read at all
+    err = capsys.readouterr().err
+    assert "metadata.csv line 1 (the header): it holds the byte 0xe9, which is not UTF-8 text" in err

@@ -275,3 +275,59 @@ def test_class_selection_applies_before_bad_sample_checks(tmp_path):
     with pytest.raises(DataError, match="fox"):
         load(root)
     assert len(load(root, exclude_classes=["fox"])) == 5  # the bad image is in a class left out
+
+
+# ----------------------------------------------------------------------------- max_samples: first or balanced
+
+
+def _sorted_by_class(tmp_path, bad: tuple[int, ...] = ()) -> "Path":
+    """30 rows of each of 10 classes, sorted by class; rows in ``bad`` carry label 99 (outside the list)."""
+    labels = np.repeat(np.arange(10), 30)
+    labels[list(bad)] = 99
+    images = (np.arange(300)[:, None, None] % 256).astype(np.uint8) * np.ones((1, 4, 4), np.uint8)
+    np.savez(tmp_path / "sorted.npz", images=images, labels=labels)
+    return tmp_path / "sorted.npz"
+
+
+def test_max_samples_balanced_spreads_over_the_classes_and_repeats(tmp_path):
+    path = _sorted_by_class(tmp_path)
+    names = [str(i) for i in range(10)]
+    first = load(path, class_names=names, max_samples=20)
+    assert set(first["label"]) == {0}  # the default is unchanged: the first 20 rows
+    balanced = load(path, class_names=names, max_samples=20, sample="balanced")
+    assert len(balanced) == 20 and sorted(balanced["label"]) == sorted(list(range(10)) * 2)
+    assert any(i % 30 >= 2 for i in balanced["image_id"])  # drawn at random within each class, not its first rows...
+    again = load(path, class_names=names, max_samples=20, sample="balanced")
+    assert again["image_id"] == balanced["image_id"]  # ...with a fixed seed
+    uneven = load(path, class_names=names, max_samples=15, sample="balanced")
+    assert sorted(np.bincount(uneven["label"], minlength=10)) == [1] * 5 + [2] * 5
+
+
+def test_max_samples_balanced_without_labels_takes_the_first_rows(tmp_path):
+    root = caption_folder(tmp_path / "imgs")
+    assert load(root, max_samples=2, sample="balanced")["image_id"] == [0, 1]
+
+
+def test_problems_follow_their_rows_into_a_balanced_sample(tmp_path):
+    bad = tuple(range(0, 300, 7))  # some rows of every class
+    path = _sorted_by_class(tmp_path, bad)
+    names = [str(i) for i in range(10)]
+    out = load_with_report(path, class_names=names, max_samples=40, sample="balanced", on_bad_sample="skip")
+    kept = set(out.dataset["image_id"])
+    flagged = {int(p.where.rsplit(" ", 1)[1]) for p in out.report.problems}
+    assert flagged and flagged <= set(bad) and not (kept & set(bad))  # every bad sampled row, and only those, left out
+    assert len(kept) + out.report.skipped == 40
+    assert -1 not in out.dataset["label"]
+
+
+def test_fast_dev_runs_take_balanced_samples():
+    from mmtransfer import adapt
+    from mmtransfer.train import TrainConfig, fast_dev_slice
+
+    section = DataConfig(name="mnist5k", max_samples=1000)
+    fast_dev_slice(TrainConfig(), [section, None], 64)
+    assert section.max_samples == 64 and section.sample == "balanced"
+    cfg = adapt.AdaptConfig()
+    adapt._fast_dev(cfg)
+    assert cfg.train.fast_dev_run and cfg.data.source.max_samples == 64 and cfg.data.source.sample == "balanced"
+    assert cfg.data.target.sample == "balanced"

@@ -194,3 +194,32 @@ def test_text_feature_cache_keeps_poolings_apart(tmp_path, tiny_model):
     cls_feats = text_features(cls_tower, texts, **kwargs).pooled
     assert len(list(tmp_path.glob("text-*.safetensors"))) == 2
     assert not torch.allclose(mean_feats, cls_feats)
+
+
+def test_image_feature_cache_sees_images_replaced_under_the_same_name(tmp_path):
+    # The cache is keyed on the data set's fingerprint, which must follow the files' contents, not only their names.
+    from mmtransfer.config import ImageEncoderConfig
+    from mmtransfer.data import ImageCollator, load, make_loader
+    from mmtransfer.features import image_features
+    from mmtransfer.models.image import ImageEncoder
+
+    folder = _captioned_folder(tmp_path / "data", n=4)
+    torch.manual_seed(0)
+    tower = ImageEncoder.from_config(ImageEncoderConfig(name="resnet10t", pretrained=False, image_size=32)).eval()
+
+    def features(ds):
+        loader = make_loader(ds, ImageCollator(tower.preprocessor), batch_size=4)
+        return image_features(tower, loader, len(ds), keep_tokens=False, cache_dir=tmp_path / "features",
+                              data_key=ds._fingerprint, progress=False).pooled
+
+    first = load(folder)
+    before = features(first)
+    again = load(folder)
+    assert again._fingerprint == first._fingerprint  # unchanged files: the cache is reused
+    torch.testing.assert_close(features(again), before)
+    assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 1
+    Image.effect_noise((36, 36), 80).convert("RGB").save(folder / "2.png")  # other pixels, same name
+    after = features(load(folder))
+    assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 2
+    assert not torch.allclose(after[2], before[2])
+    torch.testing.assert_close(after[[0, 1, 3]], before[[0, 1, 3]])

@@ -65,6 +65,11 @@ class DataConfig:
     # Folder that relative image paths of a caption table resolve against.
     # None: the table's own folder.
     image_root: str | None = None
+    # False: image files must lie inside the data set's folder (the table's folder, or
+    # image_root when set), links resolved: rows naming "../x.png", an absolute path or a
+    # link elsewhere are bad samples, and linked class folders leading out are not walked.
+    # True: read image files wherever they are (a table listing several places).
+    allow_outside_root: bool = False
     # Folder of the digit archives (mnist5k.npz, usps.npz, mnist_m.npz).
     # None: the environment variable MMTRANSFER_DATA_DIR.
     data_dir: str | None = None
@@ -86,8 +91,11 @@ class DataConfig:
     include_classes: list[str] | str | None = None
     # Leave out the rows of these classes (a list of label names, or such a file).
     exclude_classes: list[str] | str | None = None
-    # Keep only the first N rows of the split (quick experiments); None keeps all.
+    # Keep at most N rows of the split (quick experiments; which ones: sample); None keeps all.
     max_samples: int | None = None
+    # Which rows max_samples keeps: "first" the first N; "balanced" a seeded sample (the
+    # same rows every run) spread evenly over the classes, or the first N without labels.
+    sample: Literal["first", "balanced"] = "first"
     # Emoji sets: side of the square canvas in pixels (the encoders resize).
     image_size: int = 160
     # Emoji sets: also keep skin-tone variants, as classes of their own (always in

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from .config import BUILTIN_DATASETS, DataConfig, DataError
 from .report import DataReport, Problem
@@ -48,6 +50,8 @@ CAPTION_COLUMN_GUESSES = ("captions", "caption", "text", "sentences", "sentence"
 LABEL_COLUMN_GUESSES = ("label", "labels")
 SPLIT_FOLDER_NAMES = frozenset({"train", "test", "validation", "valid", "val", "dev", "unseen", "all"})
 PROGRESS_ABOVE = 300  # scans longer than this show a progress bar by default
+SAMPLE_SEED = 0  # sample="balanced" takes the same rows every run, so runs stay comparable
+SIGNATURE_BLOCK = 64 * 1024  # a file's content signature hashes its first and last this many bytes
 
 
 # ----------------------------------------------------------------------------- staging
@@ -96,6 +100,34 @@ def readable_name(raw: str) -> str:
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+class RootFence:
+    """Keeps image paths inside a data set's folder (unless ``allow_outside_root``).
+
+    Only the resolved name is compared (``..`` and links followed), never the
+    file out there, so the answer and its message are the same whether or not
+    something exists outside.
+    """
+
+    def __init__(self, root: Path, config: DataConfig) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.open = config.allow_outside_root
+
+    def reason(self, what: str = "file") -> str:
+        return (f"the path leads outside the data set folder {self.root}, so it is not read; move the {what} into "
+                "that folder, or set allow_outside_root=True to read files elsewhere")
+
+    def keeps_out(self, path: str | os.PathLike[str]) -> bool:
+        """True when ``path`` resolves outside the root and outside paths are not allowed."""
+        if self.open:
+            return False
+        real = os.path.realpath(path)
+        try:
+            return os.path.commonpath([real, self.real_root]) != self.real_root
+        except ValueError:  # another drive (Windows): outside
+            return True
 
 
 def _captions_of(value: Any) -> tuple[list[str], list[str]]:
@@ -189,25 +221,49 @@ def _records_to_dataset(records: list[dict[str, Any]], has_captions: bool, class
 
 # -- caption tables -------------------------------------------------------------
 
+# Tables are read with errors="surrogateescape": a byte that is not UTF-8 becomes one of these
+# code points (never produced by valid UTF-8), so the row holding it can be named and left out.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(value: Any) -> str | None:
+    """Why a cell, row or item read with surrogateescape is not UTF-8 text, or None when it is."""
+    if isinstance(value, str):
+        found = _ESCAPED_BYTE.search(value)
+        if found is None:
+            return None
+        return (f"it holds the byte 0x{ord(found.group()) - 0xDC00:02x}, which is not UTF-8 text; save the table "
+                "as UTF-8 (it may have been written as Latin-1 or Windows-1252)")
+    parts = [*value, *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return next((reason for part in parts if (reason := _not_utf8(part))), None)
+
 
 def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """Rows of a CSV/TSV/JSONL/JSON table as (where, row or None, error)."""
     name = path.name
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8-sig") as fh:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             if reader.fieldnames is None:
                 return
+            reason = _not_utf8(list(reader.fieldnames))
+            if reason:  # without readable column names no row can be read
+                raise DataError(f"{path} line {reader.line_num} (the header): {reason}.")
             for row in reader:
                 if None in row:  # more cells than header names
                     yield f"{name} line {reader.line_num}", None, f"the row has more cells than the header ({len(reader.fieldnames)} columns)"
                     continue
-                yield f"{name} line {reader.line_num}", row, None
+                reason = _not_utf8(list(row.values()))
+                yield f"{name} line {reader.line_num}", None if reason else row, reason
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as fh:
+        with path.open(encoding="utf-8-sig", errors="surrogateescape") as fh:
             for number, line in enumerate(fh, start=1):
                 if not line.strip():
+                    continue
+                reason = _not_utf8(line)
+                if reason:
+                    yield f"{name} line {number}", None, reason
                     continue
                 try:
                     row = json.loads(line)
@@ -220,7 +276,7 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | 
                 yield f"{name} line {number}", row, None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(path.read_text(encoding="utf-8-sig", errors="surrogateescape"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg}).") from None
         if isinstance(data, dict):
@@ -236,7 +292,8 @@ def _read_table(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | 
             if not isinstance(row, dict):
                 yield f"{name} item {number}", None, "the item is not a JSON object"
                 continue
-            yield f"{name} item {number}", row, None
+            reason = _not_utf8(row)
+            yield f"{name} item {number}", None if reason else row, reason
     else:
         raise DataError(f"{path}: caption tables must be .csv, .tsv, .jsonl or .json files.")
 
@@ -267,6 +324,7 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
     label_col = _pick_column(columns, config.label_column, LABEL_COLUMN_GUESSES, "label", "label_column", table, required=False)
     domain_col = _pick_column(columns, config.domain_column, ("domain",), "domain", "domain_column", table, required=False)
     root = image_root or (Path(config.image_root).expanduser() if config.image_root else path.parent)
+    fence = RootFence(root, config)
     labels = _Labels(config.class_names, [r.get(label_col) for _, r in good_rows], label_col, table) if label_col else None
 
     # file -> one record; rows naming the same file add captions.
@@ -281,6 +339,10 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
         full = Path(name).expanduser()
         full = full if full.is_absolute() else root / full
         key = os.path.normpath(full)
+        # Before any look at the file, so that an outside path reads the same whether or not it exists.
+        if fence.keeps_out(key):
+            problems.append(Problem(where, name, fence.reason()))
+            continue
         if not os.path.isfile(key):
             problems.append(Problem(where, name, f"the file does not exist (looked for {key}); fix the path or image_root, or add the file"))
             continue
@@ -376,7 +438,20 @@ def _image_files(folder: Path) -> list[Path]:
 
 def stage_class_folders(root: Path, config: DataConfig, source: str) -> Staged:
     """``root/<class>/<image>``: one sub-folder per class (the imagefolder convention)."""
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    fence = RootFence(root, config)
+    problems: list[Problem] = []
+    class_dirs = []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        # os.walk follows a linked top folder: one leading out (to "/", say) would walk the disk.
+        if fence.keeps_out(d):
+            problems.append(Problem(d.name + "/", None, fence.reason("class folder")))
+        else:
+            class_dirs.append(d)
+    if not class_dirs and problems:
+        raise DataError(
+            f"Every class folder of {root} ({', '.join(p.where for p in problems[:5])}) is a link leading outside it, so "
+            f"none is read; move the images into {root}, or set allow_outside_root=True to read them where they are."
+        )
     if not class_dirs:
         raise DataError(
             f"The folder {root} has no class sub-folders and no metadata.jsonl/metadata.csv. Put images in one "
@@ -392,7 +467,6 @@ def stage_class_folders(root: Path, config: DataConfig, source: str) -> Staged:
         names = list(config.class_names)
     else:
         names = readable
-    problems: list[Problem] = []
     for stray in sorted(p for p in root.iterdir() if p.is_file() and _is_candidate_image(p)):
         problems.append(Problem(stray.name, stray.name, "the image is not inside a class folder, so it has no label"))
     records, wheres = [], []
@@ -404,6 +478,9 @@ def stage_class_folders(root: Path, config: DataConfig, source: str) -> Staged:
                 if not _is_candidate_image(path):
                     continue
                 rel = os.path.relpath(path, root)
+                if fence.keeps_out(path):  # a linked file; linked sub-folders are not walked (os.walk's default)
+                    problems.append(Problem(rel, rel, fence.reason()))
+                    continue
                 records.append({"image": str(path), "captions": [name], "label": label, "domain": source})
                 wheres.append(rel)
     if not records and not problems:
@@ -441,6 +518,11 @@ def stage_folder(folder: Path, config: DataConfig, source: str) -> Staged:
     if config.split is not None:
         sub = folder / config.split
         if sub.is_dir():
+            if RootFence(folder, config).keeps_out(sub):
+                raise DataError(
+                    f"The split folder {sub} is a link leading outside {folder}, so it is not read; move it into "
+                    f"{folder}, or set allow_outside_root=True to read it where it is."
+                )
             staged = stage_folder(sub, dataclasses.replace(config, split=None), source)
             staged.split = config.split
             return staged
@@ -868,24 +950,53 @@ def select_classes(staged: Staged, config: DataConfig) -> Staged:
     rows = [i for i, y in enumerate(labels) if y in keep]
     if not rows:
         raise DataError(f"include_classes/exclude_classes leave no rows of '{staged.source}' (split {staged.split}).")
+    logger.info("Class selection keeps %d of %d rows (%d classes) of '%s'.",
+                len(rows), len(labels), len({labels[i] for i in rows}), staged.source)
+    return keep_rows(staged, rows)
+
+
+def keep_rows(staged: Staged, rows: Sequence[int]) -> Staged:
+    """``staged`` with only ``rows``, in that order: row problems and row names move with their rows."""
     position = {row: j for j, row in enumerate(rows)}
     problems = [p if p.row is None else dataclasses.replace(p, row=position[p.row]) for p in staged.problems
                 if p.row is None or p.row in position]
     wheres = [staged.wheres[i] for i in rows] if staged.wheres is not None else None
-    logger.info("Class selection keeps %d of %d rows (%d classes) of '%s'.",
-                len(rows), len(labels), len({labels[i] for i in rows}), staged.source)
-    return Staged(ds.select(rows), staged.source, staged.split, problems, wheres, staged.trusted)
+    return Staged(staged.dataset.select(rows), staged.source, staged.split, problems, wheres, staged.trusted)
+
+
+def take_sample(staged: Staged, config: DataConfig) -> Staged:
+    """At most ``max_samples`` rows: the first N, or with ``sample="balanced"`` a seeded sample spread over the classes."""
+    n = config.max_samples
+    ds = staged.dataset
+    if n is None or len(ds) <= n:
+        return staged
+    if config.sample == "balanced" and "label" in ds.column_names:
+        return keep_rows(staged, balanced_rows(_column(ds, "label"), n, SAMPLE_SEED))
+    return keep_rows(staged, range(n))
+
+
+def balanced_rows(labels: Sequence[int], n: int, seed: int) -> list[int]:
+    """``n`` rows spread as evenly as the classes allow, in row order: round after round, one row per class.
+
+    Within a class the rows are drawn at random, and when ``n`` is not a whole number of
+    rounds a random set of classes gets the extra row (both seeded by ``seed``).
+    """
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for row, label in enumerate(labels):
+        by_class.setdefault(label, []).append(row)
+    pools = [rng.sample(rows, len(rows)) for _, rows in sorted(by_class.items())]
+    rng.shuffle(pools)
+    # (round, class slot, row): sorting takes round 0 of every class, then round 1, ...
+    ranked = sorted((depth, slot, row) for slot, pool in enumerate(pools) for depth, row in enumerate(pool))
+    return sorted(row for _, _, row in ranked[:n])
 
 
 def finish(staged: Staged, config: DataConfig, scan: bool = True) -> tuple["Dataset", DataReport]:
-    """Select classes, scan, then apply ``on_bad_sample``: the loaded data set and its report."""
-    staged = select_classes(staged, config)
+    """Select classes, take ``max_samples``, scan, then apply ``on_bad_sample``: the loaded data set and its report."""
+    staged = take_sample(select_classes(staged, config), config)
     ds = staged.dataset
     problems = list(staged.problems)
-    if config.max_samples is not None and len(ds) > config.max_samples:
-        ds = ds.select(range(config.max_samples))
-        problems = [p for p in problems if p.row is None or p.row < config.max_samples]
-        staged = Staged(ds, staged.source, staged.split, problems, staged.wheres, staged.trusted)
     checked = 0
     verify = "none" if staged.trusted else config.verify
     if scan and verify != "none":
@@ -903,8 +1014,56 @@ def finish(staged: Staged, config: DataConfig, scan: bool = True) -> tuple["Data
             "Skipped %d bad sample(s) of '%s' (on_bad_sample='skip'); first:\n%s",
             skipped, staged.source, "\n".join(f"  - {p}" for p in problems[:5]),
         )
+    if not staged.trusted:  # built-in sets are generated from fingerprinted inputs, with their bytes in the table
+        ds = with_content_fingerprint(ds)
     report = make_report(ds, staged, problems, skipped, checked, verify)
     return ds, report
+
+
+def with_content_fingerprint(ds: "Dataset") -> "Dataset":
+    """``ds`` with a fingerprint that also covers the contents of the image files it names.
+
+    A data set of file paths is otherwise fingerprinted by its paths and captions
+    alone, so caches keyed on ``ds._fingerprint`` (the image features on disk)
+    would serve the features of images replaced under the same names. Images
+    stored as bytes are in the table, and so in the fingerprint, already.
+    """
+    from datasets import Image
+
+    if "image" not in ds.column_names or len(ds) == 0 or not isinstance(ds.features["image"], Image):
+        return ds
+    # Arrow columns: the bytes of embedded images are never copied into Python.
+    refs = ds.select_columns(["image"]).cast_column("image", Image(decode=False)).flatten().with_format("arrow")[:]
+    paths = refs.column("image.path").to_pylist()
+    embedded = refs.column("image.bytes").is_valid().to_pylist()
+    files = [(row, path) for row, (path, inline) in enumerate(zip(paths, embedded)) if path and not inline]
+    if not files:
+        return ds
+    digest = hashlib.sha256(ds._fingerprint.encode())
+    for row, path in files:
+        digest.update(f"{row}\0{path}\0".encode())
+        digest.update(file_signature(path))
+    # datasets offers no public way to set it; every later transform derives its fingerprint from this one.
+    ds._fingerprint = digest.hexdigest()[:16]
+    return ds
+
+
+def file_signature(path: str) -> bytes:
+    """Size, modification time and a hash of the first and last 64 KiB (the whole of a small file)."""
+    digest = hashlib.sha256()
+    try:
+        stat = os.stat(path)
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        with open(path, "rb") as fh:
+            if stat.st_size <= 2 * SIGNATURE_BLOCK:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(SIGNATURE_BLOCK))
+                fh.seek(-SIGNATURE_BLOCK, os.SEEK_END)
+                digest.update(fh.read(SIGNATURE_BLOCK))
+    except OSError as err:  # gone or unreadable since the scan (or never scanned): a key of its own, not a crash
+        digest.update(f"unreadable:{err.errno}".encode())
+    return digest.digest()
 
 
 def make_report(ds: "Dataset", staged: Staged, problems: list[Problem], skipped: int, checked: int, verify: str) -> DataReport:
