@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, at_least, check_ranges
 from .data.config import DataConfig
 from .models.preprocess import AugmentConfig
 from .multitask import TasksConfig
@@ -36,6 +36,9 @@ class FreezeConfig:
     image: bool = True
     # With image frozen: keep its last N blocks (stages) trainable.
     image_keep_last: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, text_keep_last=at_least(0), image_keep_last=at_least(0))
 
 
 @dataclass
@@ -75,6 +78,9 @@ class CaptionDataSection:
     # Also report retrieval after re-ranking each query's top K candidates with the
     # fusion layer's matching score (ALBEF-style; 0 disables).
     rerank_k: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, augmented_copies=at_least(0), eval_batch_size=at_least(1), rerank_k=at_least(0))
 
 
 @dataclass

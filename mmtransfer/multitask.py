@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, at_least, check_ranges
 from .data.config import DataConfig
 from .train import StepInfo, TaskOutput
 
@@ -55,6 +55,9 @@ class CaptionTaskSection:
     share: float = 1.0
     # Weight of this task's loss in the sum (uncertainty weighting multiplies it by exp(-s_k)).
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
 
 
 @dataclass
@@ -79,6 +82,9 @@ class LabelTaskSection:
     # zero-shot classifier) or "random".
     head_init: Literal["text", "random"] = "text"
 
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
+
 
 @dataclass
 class DomainTaskSection:
@@ -97,6 +103,9 @@ class DomainTaskSection:
     # (dann, mmd or coral), schedule, gamma, lambda_max, discriminator, mmd_bandwidths.
     # Its weight is tasks.domain.weight.
     method: dict[str, Any] = field(default_factory=lambda: {"name": "dann"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
 
 
 @dataclass
