@@ -440,18 +440,17 @@ class ImageClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "ImageClassifier":
         """Load a classifier written by :meth:`save_pretrained` (image encoders are rebuilt without downloading)."""
-        from safetensors.torch import load_model
-
         from .config import from_dict
+        from .models.files import load_weights, read_json
 
         directory = Path(directory)
         path = directory / "classifier.json"
         if not path.is_file():
             raise FileNotFoundError(f"'{directory}' holds no saved image classifier (no classifier.json); train one with scripts/domain_adapt.py.")
-        meta = json.loads(path.read_text())
+        meta = read_json(path)
         config = from_dict(ClassifierConfig, {**meta["config"], "pretrained": False})
         model = cls(config, meta["num_classes"], meta["class_names"])
-        load_model(model, str(directory / "model.safetensors"), strict=True)
+        load_weights(model, directory / "model.safetensors")
         return model.eval()
 
 

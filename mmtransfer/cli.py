@@ -105,9 +105,9 @@ def parse_args(cls: type[T], description: str, argv: list[str] | None = None) ->
 def run_main(fn: Any, *args: Any) -> Any:
     """Call ``fn``; errors meant for people (bad data, names, configs) end with one line, not a stack trace."""
     from .config import ConfigError as _ConfigError
-    from .registry import UnknownModelError
+    from .registry import ModelFileError, UnknownModelError
 
-    known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, FileNotFoundError)
+    known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, ModelFileError, FileNotFoundError)
     try:
         from .data.config import DataError
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from data_helpers import load_repo_module
@@ -95,3 +97,107 @@ def test_script_exits_2_with_one_line_for_a_bad_value(run_script, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == ["finetune_captions.py: error: train.max_steps must be at least 1, got -5."]
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- broken model folders
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture
+def saved_tiny(tmp_path, tiny_model):
+    return tiny_model.save_pretrained(tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    "broken, problem",
+    [
+        ("model.safetensors", "is truncated or not a safetensors file"),
+        ("config.json", "is truncated or not valid JSON"),
+        ("text_config/config.json", "is truncated or not valid JSON"),
+        ("preprocessor_config.json", "is truncated or not valid JSON"),
+    ],
+)
+def test_truncated_file_of_a_saved_model_is_named(saved_tiny, broken, problem):
+    import mmtransfer
+
+    _truncate(saved_tiny / broken)
+    with pytest.raises(mmtransfer.ModelFileError) as err:
+        mmtransfer.load(saved_tiny)
+    message = str(err.value)
+    assert message.startswith(f"'{saved_tiny / broken}' {problem}")
+    assert message.endswith("save the model again (save_pretrained) or copy its folder again.")
+    assert "\n" not in message
+
+
+def test_truncated_classifier_weights_are_named(tmp_path):
+    import mmtransfer
+    from mmtransfer.adapt import ClassifierConfig, ImageClassifier
+    from mmtransfer.models.lenet import LeNetConfig
+
+    config = ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=8)
+    folder = ImageClassifier(config, num_classes=3).save_pretrained(tmp_path / "clf")
+    _truncate(folder / "model.safetensors")
+    with pytest.raises(mmtransfer.ModelFileError, match="^" + re.escape(f"'{folder / 'model.safetensors'}' is truncated")):
+        mmtransfer.load(folder)
+
+
+def test_weights_of_another_model_are_named(saved_tiny):
+    import json
+
+    import mmtransfer
+
+    meta = json.loads((saved_tiny / "config.json").read_text())
+    meta["config"]["embed_dim"] = 16
+    (saved_tiny / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(mmtransfer.ModelFileError, match=r"model\.safetensors' holds the weights of a different model.*size mismatch"):
+        mmtransfer.load(saved_tiny)
+
+
+def test_run_main_prints_a_broken_model_folder_as_one_line(saved_tiny, capsys):
+    import mmtransfer
+    from mmtransfer.cli import run_main
+
+    _truncate(saved_tiny / "model.safetensors")
+    with pytest.raises(SystemExit) as exited:
+        run_main(mmtransfer.load, saved_tiny)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: '{saved_tiny / 'model.safetensors'}' is truncated or not a safetensors file "
+                                "(Error while deserializing header: incomplete metadata, file not fully covered); "
+                                "save the model again (save_pretrained) or copy its folder again."]
+
+
+@pytest.fixture
+def hf_text_folder(tmp_path):
+    """A tiny pretrained-style BERT folder (config.json, model.safetensors) with the packaged MiniLM tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mmtransfer.registry import resolve_text_name
+
+    folder = tmp_path / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    source = Path(resolve_text_name("minilm-l6"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("broken, problem", [("model.safetensors", "not a safetensors file"), ("config.json", "not valid JSON")])
+def test_broken_file_of_a_local_text_tower_is_named(hf_text_folder, broken, problem):
+    import mmtransfer
+    from mmtransfer.models.text import TextEncoder
+
+    config = mmtransfer.TextEncoderConfig(name=str(hf_text_folder))
+    assert TextEncoder.from_config(config).width == 32  # the intact folder loads
+    _truncate(hf_text_folder / broken)
+    with pytest.raises(mmtransfer.ModelFileError, match="^" + re.escape(f"'{hf_text_folder / broken}' is truncated or {problem}")):
+        TextEncoder.from_config(config)

@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, from_dict, to_dict
+from ..config import ConfigError, ModelConfig, from_dict, to_dict
+from ..registry import ModelFileError
 from .common import count_parameters, freeze, keep_frozen_norms_in_eval
+from .files import FIX, load_weights, read_json
 from .fusion import Fusion, Projection, ProjectionEnsemble
 from .image import ImageEncoder
 from .outputs import FusionOutput, ImageEncoderOutput, MultimodalOutput, TextEncoderOutput
 from .preprocess import ImagePreprocessor
-from .text import TextEncoder
+from .text import TEXT_CONFIG_DIR, TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -339,9 +341,10 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MultimodalModel":
-        """Load a model written by :meth:`save_pretrained`. Needs nothing outside ``directory``."""
-        from safetensors.torch import load_model
+        """Load a model written by :meth:`save_pretrained`. Needs nothing outside ``directory``.
 
+        A missing, truncated or mismatched file raises :class:`~mmtransfer.ModelFileError` naming it.
+        """
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
@@ -349,12 +352,18 @@ class MultimodalModel(nn.Module):
                 f"'{directory}' holds no saved mmtransfer model (no {CONFIG_FILE}). "
                 "Save one with model.save_pretrained(folder), or build one with mmtransfer.create_model(name)."
             )
-        meta = json.loads(config_path.read_text())
-        if meta.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"'{config_path}' is not an mmtransfer model config (model_type={meta.get('model_type')!r}).")
-        config = from_dict(ModelConfig, meta["config"])
+        meta = read_json(config_path)
+        if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE or not isinstance(meta.get("config"), dict):
+            found = f"model_type={meta.get('model_type')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+            raise ModelFileError(f"'{config_path}' is not an mmtransfer model config ({found}); {FIX}.")
+        try:
+            config = from_dict(ModelConfig, meta["config"])
+        except ConfigError as err:
+            raise ModelFileError(f"'{config_path}' does not describe a model this version can build: {err}") from None
+        # The towers read these with transformers, whose errors do not say what to do.
+        read_json(directory / TEXT_CONFIG_DIR / "config.json")
         model = cls(config, TextEncoder.from_saved(config.text, directory), ImageEncoder.from_saved(config.image, directory))
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(map_location))
+        load_weights(model, directory / WEIGHTS_FILE, device=str(map_location))
         return model.eval()
 
 

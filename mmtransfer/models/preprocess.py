@@ -186,7 +186,9 @@ class ImagePreprocessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "ImagePreprocessor":
-        data = json.loads((Path(directory) / PREPROCESSOR_FILE).read_text())
+        from .files import read_json
+
+        data = read_json(Path(directory) / PREPROCESSOR_FILE)
         pre = data["preprocess"]
         for key in ("mean", "std", "background"):
             pre[key] = tuple(pre[key])
