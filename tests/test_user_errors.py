@@ -201,3 +201,32 @@ def test_broken_file_of_a_local_text_tower_is_named(hf_text_folder, broken, prob
     _truncate(hf_text_folder / broken)
     with pytest.raises(mmtransfer.ModelFileError, match="^" + re.escape(f"'{hf_text_folder / broken}' is truncated or {problem}")):
         TextEncoder.from_config(config)
+
+
+# ----------------------------------------------------------------------------- inference without autograd
+
+
+def test_inference_helpers_track_no_gradients_unless_asked(tiny_model):
+    import warnings
+
+    import torch
+
+    pixels, texts = torch.randn(2, 3, 32, 32), ["a red square", "a blue circle"]
+    outputs = {"image": tiny_model.encode_image(pixels), "text": tiny_model.encode_text(texts),
+               "match": tiny_model.match(pixels, texts)}
+    for name, out in outputs.items():
+        assert not out.requires_grad and out.grad_fn is None, name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what a user's float(emb.norm()) warned about
+        float(outputs["image"][0].norm())
+
+    try:
+        emb = tiny_model.encode_image(pixels, grad=True)
+        txt = tiny_model.encode_text(texts, grad=True)
+        assert emb.requires_grad and txt.requires_grad
+        assert tiny_model.match(pixels, texts, grad=True).requires_grad
+        (emb * txt).sum().backward()
+        assert tiny_model.text_projection.net.weight.grad is not None
+        torch.testing.assert_close(emb.detach(), outputs["image"])
+    finally:
+        tiny_model.zero_grad(set_to_none=True)  # the model is shared by the session's tests

@@ -10,6 +10,7 @@ temperature, clamped to ``config.max_logit_scale``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -42,6 +43,13 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "mmtransfer-multimodal"
 
 TextInput = str | Sequence[str] | torch.Tensor | dict[str, torch.Tensor]
+
+
+def _autograd(grad: bool) -> contextlib.AbstractContextManager:
+    """No autograd for the inference helpers unless asked: their outputs then hold no graph, and
+    ``float(emb.norm())`` does not warn. ``no_grad`` rather than ``inference_mode``, so that the
+    outputs can still enter a training computation (e.g. as distillation targets)."""
+    return contextlib.nullcontext() if grad else torch.no_grad()
 
 
 class MultimodalModel(nn.Module):
@@ -174,14 +182,22 @@ class MultimodalModel(nn.Module):
         return [self.image_projection]
 
     def encode_text(
-        self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None
+        self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None, grad: bool = False
     ) -> torch.Tensor:
-        """Texts (strings, token ids or a tokenizer output) -> (B, E) embeddings."""
-        return self.project_text(self.text_features(texts, attention_mask).pooled, normalize)
+        """Texts (strings, token ids or a tokenizer output) -> (B, E) embeddings.
 
-    def encode_image(self, images: Any, normalize: bool = True) -> torch.Tensor:
-        """PIL images or a pixel tensor (B, 3, S, S) -> (B, E) embeddings."""
-        return self.project_image(self.image_features(images).pooled, normalize)
+        Runs without autograd; ``grad=True`` keeps the graph, to train through the result.
+        """
+        with _autograd(grad):
+            return self.project_text(self.text_features(texts, attention_mask).pooled, normalize)
+
+    def encode_image(self, images: Any, normalize: bool = True, grad: bool = False) -> torch.Tensor:
+        """PIL images or a pixel tensor (B, 3, S, S) -> (B, E) embeddings.
+
+        Runs without autograd; ``grad=True`` keeps the graph, to train through the result.
+        """
+        with _autograd(grad):
+            return self.project_image(self.image_features(images).pooled, normalize)
 
     def get_logit_scale(self) -> torch.Tensor:
         """The inverse temperature, clamped to [1, ``max_logit_scale``]."""
@@ -229,11 +245,15 @@ class MultimodalModel(nn.Module):
             raise RuntimeError("This model has no fusion layers (fusion.num_layers = 0).")
         return self.fusion(text_tokens, text_mask, image_tokens, output_attentions)
 
-    def match(self, images: Any, texts: TextInput) -> torch.Tensor:
-        """Image-text matching probability of each aligned (image, text) pair: (B,)."""
-        img = self.image_features(images)
-        txt = self.text_features(texts)
-        return self.fuse(img.tokens, txt.tokens, txt.attention_mask).itm_logits.softmax(-1)[:, 1]
+    def match(self, images: Any, texts: TextInput, grad: bool = False) -> torch.Tensor:
+        """Image-text matching probability of each aligned (image, text) pair: (B,).
+
+        Runs without autograd unless ``grad=True``.
+        """
+        with _autograd(grad):
+            img = self.image_features(images)
+            txt = self.text_features(texts)
+            return self.fuse(img.tokens, txt.tokens, txt.attention_mask).itm_logits.softmax(-1)[:, 1]
 
     def forward(
         self,
