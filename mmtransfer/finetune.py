@@ -299,6 +299,38 @@ def build_model(cfg: FinetuneConfig) -> Any:
     return model
 
 
+EXAMPLE_IMAGE = "example.png"
+
+
+def save_example_image(datasets: Sequence[Any], run_dir: Path) -> str | None:
+    """Write the first readable image of ``datasets`` to ``run_dir/example.png``; its path, or None without one.
+
+    The snippet a finished run prints opens it, so that the snippet runs as pasted.
+    """
+    from .data import DataError, open_image
+
+    for dataset in datasets:
+        if "image" not in dataset.column_names or len(dataset) == 0:
+            continue
+        try:
+            image = open_image(dataset[0]["image"])
+        except DataError:
+            continue
+        path = run_dir / EXAMPLE_IMAGE
+        image.save(path)
+        return str(path)
+    return None
+
+
+def example_image_code(summary: dict[str, Any]) -> tuple[str, str]:
+    """The quoted path a printed snippet opens, and a comment for its line: the run's example image,
+    or (a run without one) a placeholder marked as such."""
+    path = summary.get("example_image")
+    if path:
+        return repr(path), ""
+    return "'your_image.png'", "  # placeholder: put the path of one of your images here"
+
+
 def write_test_metrics(accelerator: Any, run_dir: Path, test_metrics: dict[str, float]) -> None:
     """Add ``test_metrics`` to the run's summary.json (main process)."""
     if accelerator.is_main_process:
@@ -403,4 +435,6 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
                "steps": result.step, "validation": result.metrics, "test": test_metrics}
     write_test_metrics(accelerator, result.run_dir, test_metrics)
+    if accelerator.is_main_process:
+        summary["example_image"] = save_example_image([s.dataset for s in splits.values()], result.run_dir)
     return summary

@@ -666,7 +666,7 @@ def load_classifier(folder: str | Path) -> Any:
 
     Example:
         >>> clf = load_classifier("runs/multitask_openmoji_joint/model")
-        >>> clf.predict([PIL.Image.open("emoji.png")])
+        >>> clf.predict([Image.open("emoji.png")])   # from PIL import Image
         ['grinning face']
     """
     import mmtransfer
@@ -737,6 +737,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
         feature_plan,
         load_split,
         retrieval_loaders,
+        save_example_image,
         write_test_metrics,
     )
     from .objectives import CaptionObjective, evaluate_retrieval
@@ -926,6 +927,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
         if final_weights:
             data["final_log_vars"] = final_weights
         path.write_text(json.dumps(data, indent=2))
+        summary["example_image"] = save_example_image([s.dataset for s in splits.values()], result.run_dir)
     return summary
 
 
@@ -945,6 +947,9 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append("  learned log-variances s_k: " + ", ".join(f"{k} {v:+.3f}" for k, v in summary["log_vars"].items()))
     lines += ["", f"Run folder: {summary['run_dir']}", f"Model:      {summary['model_dir']}"]
     if "labels" in summary["tasks"]:
-        lines += ["", "Load the classifier:", "  from mmtransfer.multitask import load_classifier",
-                  f"  clf = load_classifier({summary['model_dir']!r}); clf.predict([PIL.Image.open('emoji.png')])"]
+        from .finetune import example_image_code
+
+        image, note = example_image_code(summary)
+        lines += ["", "Load the classifier:", "  from PIL import Image", "  from mmtransfer.multitask import load_classifier",
+                  f"  clf = load_classifier({summary['model_dir']!r})", f"  print(clf.predict([Image.open({image})])){note}"]
     return "\n".join(lines)

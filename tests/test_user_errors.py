@@ -230,3 +230,66 @@ def test_inference_helpers_track_no_gradients_unless_asked(tiny_model):
         torch.testing.assert_close(emb.detach(), outputs["image"])
     finally:
         tiny_model.zero_grad(set_to_none=True)  # the model is shared by the session's tests
+
+
+# ----------------------------------------------------------------------------- printed snippets
+
+
+def _snippet(report: str, heading: str) -> str:
+    """The indented code lines under ``heading`` in a printed report, dedented."""
+    lines = report.splitlines()
+    start = lines.index(heading) + 1
+    code = []
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        code.append(line[2:])
+    return "\n".join(code)
+
+
+@pytest.fixture
+def example_image(tmp_path):
+    """The example image a run writes, from a small data set with an image column, as the recipes load it."""
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    from mmtransfer.finetune import save_example_image
+
+    empty = Dataset.from_dict({"caption": []}, features=Features({"caption": Value("string")}))
+    images = Dataset.from_dict({"image": [PILImage.new("RGBA", (20, 24), (200, 30, 30, 255))], "caption": ["red"]},
+                               features=Features({"image": Image(), "caption": Value("string")}))
+    path = save_example_image([empty, images], tmp_path)
+    assert path == str(tmp_path / "example.png")
+    assert PILImage.open(path).size == (20, 24)
+    return path
+
+
+def test_printed_load_snippet_runs_as_pasted(saved_tiny, example_image):
+    script = load_repo_module("scripts/finetune_captions.py")
+    summary = {"run_dir": str(saved_tiny.parent), "model_dir": str(saved_tiny), "validation": {}, "test": {},
+               "example_image": example_image}
+    code = _snippet(script._report(summary), "Load it and embed an image:")
+    namespace: dict = {}
+    exec(compile(code, "<printed snippet>", "exec"), namespace)  # a fresh namespace, as a new session has
+    assert tuple(namespace["emb"].shape) == (1, 32)
+
+
+def test_printed_snippet_without_an_image_marks_its_placeholder(saved_tiny):
+    script = load_repo_module("scripts/finetune_captions.py")
+    summary = {"run_dir": str(saved_tiny.parent), "model_dir": str(saved_tiny), "validation": {}, "test": {}}
+    code = _snippet(script._report(summary), "Load it and embed an image:")
+    compile(code, "<printed snippet>", "exec")
+    assert code.splitlines()[-1].endswith("# placeholder: put the path of one of your images here")
+
+
+def test_printed_classifier_snippet_of_a_multitask_run_runs(saved_tiny, example_image, capsys):
+    import torch
+
+    from mmtransfer.multitask import format_report, save_label_head
+    from mmtransfer.transfer import LinearHead
+
+    save_label_head(LinearHead(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)), ["red", "green", "blue"], saved_tiny)
+    summary = {"run_dir": str(saved_tiny.parent), "model_dir": str(saved_tiny), "tasks": ["captions", "labels"],
+               "batch_shares": {"captions": 8, "labels": 8}, "weighting": "fixed", "test": {}, "example_image": example_image}
+    exec(compile(_snippet(format_report(summary), "Load the classifier:"), "<printed snippet>", "exec"), {})
+    assert capsys.readouterr().out.strip() in {"['red']", "['green']", "['blue']"}
