@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, FusionConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
-from .registry import DEFAULT_PRESET, UnknownModelError, describe_models, list_models
+from .registry import DEFAULT_PRESET, ModelFileError, UnknownModelError, describe_models, list_models
 
 if TYPE_CHECKING:
     import os
@@ -32,6 +32,7 @@ __all__ = [
     "FusionConfig",
     "ImageEncoderConfig",
     "ModelConfig",
+    "ModelFileError",
     "MultimodalModel",
     "TextEncoderConfig",
     "UnknownModelError",

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, ImageEncoderConfig, ModelConfig, to_dict
+from .config import DROPOUT, ConfigError, ImageEncoderConfig, ModelConfig, above, at_least, check_ranges, to_dict
 from .data.config import DataConfig
 from .finetune import FreezeConfig
 from .losses.contrastive import ContrastiveLoss
@@ -93,6 +93,9 @@ class ClassifierConfig:
     bottleneck_batch_norm: bool = False
     # Dropout after the bottleneck.
     dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges(self, image_size=at_least(1), bottleneck_dim=at_least(0), dropout=DROPOUT)
 
 
 @dataclass
@@ -151,6 +154,9 @@ class AdaptDataConfig:
     # Evaluate on at most this many images of each evaluation set (None: all).
     max_eval_samples: int | None = None
 
+    def __post_init__(self) -> None:
+        check_ranges(self, eval_batch_size=at_least(1), max_eval_samples=at_least(1))
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -164,6 +170,9 @@ class DiscriminatorConfig:
     batch_norm: bool = True
     # Dropout after each hidden layer.
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, hidden_dim=at_least(1), num_layers=at_least(0), dropout=DROPOUT)
 
 
 @dataclass
@@ -195,6 +204,10 @@ class MethodConfig:
     randomized_dim: int = 1024
     # MMD: Gaussian bandwidths sigma^2 as multiples of the batch's mean squared distance.
     mmd_bandwidths: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
+
+    def __post_init__(self) -> None:
+        check_ranges(self, weight=at_least(0), gamma=at_least(0), lambda_max=at_least(0), randomized_dim=at_least(1),
+                     mmd_bandwidths=above(0))
 
 
 @dataclass
@@ -251,6 +264,9 @@ class PlotConfig:
     method: Literal["tsne", "pca"] = "tsne"
     # Points drawn per domain (a seeded sample of the evaluation sets).
     max_points: int = 500
+
+    def __post_init__(self) -> None:
+        check_ranges(self, max_points=at_least(1))
     # embeddings_final.npz of another run (e.g. the source-only run) drawn as "before
     # adaptation"; None: this run's own features at step 0.
     before: str | None = None
@@ -424,18 +440,17 @@ class ImageClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "ImageClassifier":
         """Load a classifier written by :meth:`save_pretrained` (image encoders are rebuilt without downloading)."""
-        from safetensors.torch import load_model
-
         from .config import from_dict
+        from .models.files import load_weights, read_json
 
         directory = Path(directory)
         path = directory / "classifier.json"
         if not path.is_file():
             raise FileNotFoundError(f"'{directory}' holds no saved image classifier (no classifier.json); train one with scripts/domain_adapt.py.")
-        meta = json.loads(path.read_text())
+        meta = read_json(path)
         config = from_dict(ClassifierConfig, {**meta["config"], "pretrained": False})
         model = cls(config, meta["num_classes"], meta["class_names"])
-        load_model(model, str(directory / "model.safetensors"), strict=True)
+        load_weights(model, directory / "model.safetensors")
         return model.eval()
 
 

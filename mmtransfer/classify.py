@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import at_least, check_ranges
 from .data.config import DataConfig, cache_root
 from .models.preprocess import AugmentConfig
 from .train import OptimConfig, StepInfo, TaskOutput, TrainConfig
@@ -60,6 +61,9 @@ class ClassifyDataSection:
     # Batch size for feature extraction and evaluation.
     eval_batch_size: int = 128
 
+    def __post_init__(self) -> None:
+        check_ranges(self, shots=at_least(1), eval_batch_size=at_least(1))
+
 
 @dataclass
 class MethodConfig:
@@ -85,6 +89,9 @@ class MethodConfig:
     wise_alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     # Seeds: each few-shot draw and training run is repeated per seed (mean ± std).
     seeds: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        check_ranges(self, hub_k=at_least(1), hub_weight=at_least(0), probe_steps=at_least(1), seeds=at_least(0))
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
     python scripts/<script>.py --config configs/<recipe>.yaml [dotted.key=value ...] [--fast-dev-run]
 
+Overrides and flags may come in any order.
+
 ``--help`` lists every key of the script's config with its default and comment.
 """
 
@@ -85,7 +87,9 @@ def parse_args(cls: type[T], description: str, argv: list[str] | None = None) ->
     parser.add_argument("--fast-dev-run", action="store_true",
                         help="two training steps and one evaluation on a small slice, to check an installation and a recipe")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    args = parser.parse_args(argv)
+    # Overrides may sit before, between or after the flags (`k=v --fast-dev-run k2=v2`): plain
+    # parse_args gives the positional list one contiguous run and rejects the rest.
+    args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(cls, args.config, args.overrides)
     except ConfigError as err:
@@ -102,11 +106,11 @@ def run_main(fn: Any, *args: Any) -> Any:
     """Call ``fn``; errors meant for people (bad data, names, configs) end with one line, not a stack trace."""
     from .checkpoint import CheckpointError
     from .config import ConfigError as _ConfigError
-    from .registry import UnknownModelError
+    from .registry import ModelFileError, UnknownModelError
     from .train import LaunchError, RunFolderError
 
-    known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, FileNotFoundError, CheckpointError,
-                                              LaunchError, RunFolderError)
+    known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, ModelFileError, FileNotFoundError,
+                                              CheckpointError, LaunchError, RunFolderError)
     try:
         from .data.config import DataError
 

@@ -26,6 +26,87 @@ class ConfigError(ValueError):
     """A recipe or override names a key that does not exist or has a bad value."""
 
 
+# ----------------------------------------------------------------------------- value ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config field admits; a bound of None leaves that side open-ended."""
+
+    low: float | None = None
+    high: float | None = None
+    # Exclude the bound itself (a temperature must be above 0, a dropout below 1).
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        # Comparisons written as "inside" tests so that NaN, for which every comparison is false, is refused.
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            return f"between {low} and {high}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'greater than' if self.low_open else 'at least'} {low}")
+        if self.high is not None:
+            parts.append(f"{'less than' if self.high_open else 'at most'} {high}")
+        return " and ".join(parts)
+
+
+def _number(x: float | None) -> str:
+    # Whole bounds print as integers (4294967295, not 4.29497e+09).
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def at_least(low: float) -> Range:
+    return Range(low)
+
+
+def above(low: float) -> Range:
+    return Range(low, low_open=True)
+
+
+# A share or a probability, 0 and 1 included.
+FRACTION = Range(0.0, 1.0)
+# A dropout rate: 1 would drop everything.
+DROPOUT = Range(0.0, 1.0, high_open=True)
+
+
+class OutOfRange(ConfigError):
+    """A numeric field outside its :class:`Range`; ``key`` is its name inside its dataclass."""
+
+    def __init__(self, owner: str, key: str, rule: Range, value: float) -> None:
+        self.key, self.rule, self.value = key, rule, value
+        super().__init__(self.message(f"{owner}.{key}"))
+
+    def message(self, where: str) -> str:
+        return f"{where} must be {self.rule}, got {self.value!r}."
+
+
+def check_ranges(config: Any, **rules: Range) -> None:
+    """Raise :class:`OutOfRange` for the first field of ``config`` outside its rule (call it from ``__post_init__``).
+
+    None (an unset optional field) passes; list and tuple fields are checked item by item.
+    :func:`from_dict` puts the dotted key of the recipe in the message.
+
+    Example:
+        >>> check_ranges(FusionConfig(), num_heads=at_least(1), dropout=DROPOUT)
+    """
+    for key, rule in rules.items():
+        value = getattr(config, key)
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, (list, tuple)) else [(key, value)]
+        for name, item in items:
+            # Wrong types are from_dict's to report; only numbers are compared here.
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and not rule.admits(item):
+                raise OutOfRange(type(config).__name__, name, rule, item)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -44,6 +125,9 @@ class TextEncoderConfig:
     # Fields that replace those of the Hugging Face config (e.g. a tiny random
     # model for tests: {"hidden_size": 32, "num_hidden_layers": 2}).
     config_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, max_length=at_least(1))
 
 
 @dataclass
@@ -65,6 +149,9 @@ class ImageEncoderConfig:
     # Extra keyword arguments for ``timm.create_model`` (e.g. img_size, depth).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_ranges(self, image_size=at_least(1))
+
 
 @dataclass
 class FusionConfig:
@@ -82,6 +169,10 @@ class FusionConfig:
     dropout: float = 0.0
     # Also let image tokens attend to text tokens in every layer.
     bidirectional: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges(self, num_layers=at_least(0), width=at_least(1), num_heads=at_least(1), mlp_ratio=above(0),
+                     dropout=DROPOUT)
 
 
 @dataclass
@@ -118,6 +209,11 @@ class ModelConfig:
     init_temperature: float = 0.07
     # The learnable logit scale 1/temperature is clamped to at most this value.
     max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        # The logit scale is clamped to [1, max_logit_scale], so below 1 the clamp has no room.
+        check_ranges(self, embed_dim=at_least(1), projection_dropout=DROPOUT, image_projection_members=at_least(1),
+                     init_temperature=above(0), max_logit_scale=at_least(1))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -209,7 +305,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise _unknown_key(key, list(types_), prefix)
         where = f"{prefix}.{key}" if prefix else key
         kwargs[key] = _coerce(value, types_[key], where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except OutOfRange as err:
+        # Name the value the way the recipe or override wrote it: train.max_steps, not TrainConfig.max_steps.
+        raise ConfigError(err.message(f"{prefix}.{err.key}" if prefix else err.key)) from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

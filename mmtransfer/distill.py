@@ -43,7 +43,7 @@ from .adapt import (
     MethodConfig,
     MultimodalAdaptTask,
 )
-from .config import ConfigError
+from .config import ConfigError, above, at_least, check_ranges
 from .losses.distill import DistillOutput, EmbeddingDistillLoss, KDLoss
 from .models.preprocess import PreprocessConfig
 from .train import StepInfo, TaskOutput, TrainConfig
@@ -86,6 +86,10 @@ class DistillLossConfig:
     # the student and freeze them, so the student's image embedding learns the teacher's
     # space and zero-shot classification uses the teacher's class-name embeddings.
     copy_teacher_text: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self, label_weight=at_least(0), kd_weight=at_least(0), temperature=above(0), embed_weight=at_least(0),
+                     student_image_size=at_least(1))
 
 
 @dataclass

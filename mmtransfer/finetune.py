@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, at_least, check_ranges
 from .data.config import DataConfig
 from .models.preprocess import AugmentConfig
 from .multitask import TasksConfig
@@ -36,6 +36,9 @@ class FreezeConfig:
     image: bool = True
     # With image frozen: keep its last N blocks (stages) trainable.
     image_keep_last: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, text_keep_last=at_least(0), image_keep_last=at_least(0))
 
 
 @dataclass
@@ -75,6 +78,9 @@ class CaptionDataSection:
     # Also report retrieval after re-ranking each query's top K candidates with the
     # fusion layer's matching score (ALBEF-style; 0 disables).
     rerank_k: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, augmented_copies=at_least(0), eval_batch_size=at_least(1), rerank_k=at_least(0))
 
 
 @dataclass
@@ -293,6 +299,38 @@ def build_model(cfg: FinetuneConfig) -> Any:
     return model
 
 
+EXAMPLE_IMAGE = "example.png"
+
+
+def save_example_image(datasets: Sequence[Any], run_dir: Path) -> str | None:
+    """Write the first readable image of ``datasets`` to ``run_dir/example.png``; its path, or None without one.
+
+    The snippet a finished run prints opens it, so that the snippet runs as pasted.
+    """
+    from .data import DataError, open_image
+
+    for dataset in datasets:
+        if "image" not in dataset.column_names or len(dataset) == 0:
+            continue
+        try:
+            image = open_image(dataset[0]["image"])
+        except DataError:
+            continue
+        path = run_dir / EXAMPLE_IMAGE
+        image.save(path)
+        return str(path)
+    return None
+
+
+def example_image_code(summary: dict[str, Any]) -> tuple[str, str]:
+    """The quoted path a printed snippet opens, and a comment for its line: the run's example image,
+    or (a run without one) a placeholder marked as such."""
+    path = summary.get("example_image")
+    if path:
+        return repr(path), ""
+    return "'your_image.png'", "  # placeholder: put the path of one of your images here"
+
+
 def write_test_metrics(accelerator: Any, run_dir: Path, test_metrics: dict[str, float]) -> None:
     """Add ``test_metrics`` to the run's summary.json (main process)."""
     if accelerator.is_main_process:
@@ -397,4 +435,6 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
                "steps": result.step, "validation": result.metrics, "test": test_metrics}
     write_test_metrics(accelerator, result.run_dir, test_metrics)
+    if accelerator.is_main_process:
+        summary["example_image"] = save_example_image([s.dataset for s in splits.values()], result.run_dir)
     return summary

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, at_least, check_ranges
 from .data.config import DataConfig
 from .train import StepInfo, TaskOutput
 
@@ -55,6 +55,9 @@ class CaptionTaskSection:
     share: float = 1.0
     # Weight of this task's loss in the sum (uncertainty weighting multiplies it by exp(-s_k)).
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
 
 
 @dataclass
@@ -79,6 +82,9 @@ class LabelTaskSection:
     # zero-shot classifier) or "random".
     head_init: Literal["text", "random"] = "text"
 
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
+
 
 @dataclass
 class DomainTaskSection:
@@ -97,6 +103,9 @@ class DomainTaskSection:
     # (dann, mmd or coral), schedule, gamma, lambda_max, discriminator, mmd_bandwidths.
     # Its weight is tasks.domain.weight.
     method: dict[str, Any] = field(default_factory=lambda: {"name": "dann"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
 
 
 @dataclass
@@ -657,7 +666,7 @@ def load_classifier(folder: str | Path) -> Any:
 
     Example:
         >>> clf = load_classifier("runs/multitask_openmoji_joint/model")
-        >>> clf.predict([PIL.Image.open("emoji.png")])
+        >>> clf.predict([Image.open("emoji.png")])   # from PIL import Image
         ['grinning face']
     """
     import mmtransfer
@@ -728,6 +737,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
         feature_plan,
         load_split,
         retrieval_loaders,
+        save_example_image,
         write_test_metrics,
     )
     from .objectives import CaptionObjective, evaluate_retrieval
@@ -917,6 +927,7 @@ def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
         if final_weights:
             data["final_log_vars"] = final_weights
         path.write_text(json.dumps(data, indent=2))
+        summary["example_image"] = save_example_image([s.dataset for s in splits.values()], result.run_dir)
     return summary
 
 
@@ -936,6 +947,9 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append("  learned log-variances s_k: " + ", ".join(f"{k} {v:+.3f}" for k, v in summary["log_vars"].items()))
     lines += ["", f"Run folder: {summary['run_dir']}", f"Model:      {summary['model_dir']}"]
     if "labels" in summary["tasks"]:
-        lines += ["", "Load the classifier:", "  from mmtransfer.multitask import load_classifier",
-                  f"  clf = load_classifier({summary['model_dir']!r}); clf.predict([PIL.Image.open('emoji.png')])"]
+        from .finetune import example_image_code
+
+        image, note = example_image_code(summary)
+        lines += ["", "Load the classifier:", "  from PIL import Image", "  from mmtransfer.multitask import load_classifier",
+                  f"  clf = load_classifier({summary['model_dir']!r})", f"  print(clf.predict([Image.open({image})])){note}"]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import FRACTION, above, at_least, check_ranges
 from .data.collate import member_slices
 from .distributed import all_gather_no_grad
 from .evaluate import embed_all, recall_at_k, rerank_recall_at_k
@@ -68,6 +69,10 @@ class CaptionObjectiveConfig:
     # over one projection and no top-1; separate runs merged by scripts/ensemble_models.py
     # gain top-1 too (README, "Transfer").
     member_batches: Literal["shared", "split"] = "shared"
+
+    def __post_init__(self) -> None:
+        check_ranges(self, contrastive_weight=at_least(0), itm_weight=at_least(0), soft_targets=FRACTION,
+                     soft_target_temperature=above(0))
 
 
 def image_features(model: MultimodalModel, batch: dict[str, Any]) -> ImageEncoderOutput:

@@ -24,6 +24,10 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
+class ModelFileError(OSError):
+    """A file of a saved model folder that is missing, truncated, or not what its name says."""
+
+
 # ----------------------------------------------------------------------------- text
 
 

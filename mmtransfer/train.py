@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .config import to_dict
+from .config import FRACTION, Range, at_least, check_ranges, to_dict
 from .schedules import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Clip the global gradient norm to this value (0 disables).
     grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        # AdamW refuses betas outside [0, 1) and negative rates, decay and eps, but only once the
+        # model and data are loaded; here they fail as the recipe is read.
+        check_ranges(self, lr=at_least(0), tower_lr=at_least(0), weight_decay=at_least(0), betas=Range(0, 1, high_open=True),
+                     eps=at_least(0), warmup_steps=at_least(0), min_lr_ratio=FRACTION, grad_clip=at_least(0))
 
 
 @dataclass
@@ -94,6 +100,13 @@ class TrainConfig:
     fast_dev_run: bool = False
     # Show a progress bar on the console (main process only).
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        # max_steps <= 0 would export an untrained model; log_every=0 divides by zero; NumPy takes
+        # seeds in [0, 2**32).
+        check_ranges(self, max_steps=at_least(1), batch_size=at_least(1), grad_accum_steps=at_least(1),
+                     seed=Range(0, 2**32 - 1), eval_every=at_least(0), save_every=at_least(0), keep_last=at_least(0),
+                     log_every=at_least(1), num_workers=at_least(0))
 
 
 # ----------------------------------------------------------------------------- task interface

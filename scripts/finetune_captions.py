@@ -22,7 +22,7 @@ from __future__ import annotations
 
 
 from mmtransfer.cli import parse_args, run_main
-from mmtransfer.finetune import FinetuneConfig, run
+from mmtransfer.finetune import FinetuneConfig, example_image_code, run
 from mmtransfer.train import setup_logging
 
 
@@ -48,11 +48,13 @@ def _report(summary: dict) -> str:
         for prefix, label in (("", name), ("itm_", f"{name}+ITM")):
             if any(k.startswith(prefix) and (prefix or not k.startswith("itm_")) for k in m):
                 lines.append(f"{label:<12}" + "".join(f"{m.get(prefix + k, float('nan')):>{w}.1f}" for k, w in cols))
+    image, note = example_image_code(summary)
     lines += ["", f"Run folder: {summary['run_dir']}", f"Model:      {summary['model_dir']}", "",
               "Load it and embed an image:",
               "  import mmtransfer",
+              "  from PIL import Image",
               f"  model = mmtransfer.load({summary['model_dir']!r})",
-              "  emb = model.encode_image([PIL.Image.open('photo.png')])"]
+              f"  emb = model.encode_image([Image.open({image})]){note}"]
     return "\n".join(lines)
 
 

@@ -285,6 +285,7 @@ def test_fast_dev_run_of_the_multitask_recipe(tmp_path, run_script):
     assert any("train/captions/contrastive" in r and "train/labels/ce" in r for r in records)
     assert any("val/labels/top1" in r for r in records)
     assert load_classifier(run / "model").predict
+    assert f"Image.open({str(run / 'example.png')!r})" in out and (run / "example.png").is_file()
 
 
 def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_path, tiny_model):

@@ -39,3 +39,5 @@ def test_finetune_fast_dev_run_on_the_default_recipe(tmp_path, run_script):
     assert set(summary["test_metrics"]) >= {"i2t_R@1", "t2i_R@5"}
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "curves.png").is_file()
+    # The printed load snippet opens an image of the run's data.
+    assert f"Image.open({str(tmp_path / 'run' / 'example.png')!r})" in out and (tmp_path / "run" / "example.png").is_file()

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..config import DROPOUT, at_least, check_ranges
 from .preprocess import PreprocessConfig
 
 # ITU-R BT.601 luma weights: RGB -> gray.
@@ -48,6 +49,9 @@ class LeNetConfig:
     # Per-channel mean and std applied by the preprocessor after scaling to [0, 1].
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, channels=at_least(1), kernel_size=at_least(1), dropout=DROPOUT, image_size=at_least(1))
 
     def preprocess_config(self) -> PreprocessConfig:
         """Resize to ``image_size`` (no crop: digits fill the frame), then the fixed mean/std."""

@@ -10,6 +10,7 @@ temperature, clamped to ``config.max_logit_scale``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -25,13 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, from_dict, to_dict
+from ..config import ConfigError, ModelConfig, from_dict, to_dict
+from ..registry import ModelFileError
 from .common import count_parameters, freeze, keep_frozen_norms_in_eval
+from .files import FIX, load_weights, read_json
 from .fusion import Fusion, Projection, ProjectionEnsemble
 from .image import ImageEncoder
 from .outputs import FusionOutput, ImageEncoderOutput, MultimodalOutput, TextEncoderOutput
 from .preprocess import ImagePreprocessor
-from .text import TextEncoder
+from .text import TEXT_CONFIG_DIR, TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,13 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPE = "mmtransfer-multimodal"
 
 TextInput = str | Sequence[str] | torch.Tensor | dict[str, torch.Tensor]
+
+
+def _autograd(grad: bool) -> contextlib.AbstractContextManager:
+    """No autograd for the inference helpers unless asked: their outputs then hold no graph, and
+    ``float(emb.norm())`` does not warn. ``no_grad`` rather than ``inference_mode``, so that the
+    outputs can still enter a training computation (e.g. as distillation targets)."""
+    return contextlib.nullcontext() if grad else torch.no_grad()
 
 
 class MultimodalModel(nn.Module):
@@ -172,14 +182,22 @@ class MultimodalModel(nn.Module):
         return [self.image_projection]
 
     def encode_text(
-        self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None
+        self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None, grad: bool = False
     ) -> torch.Tensor:
-        """Texts (strings, token ids or a tokenizer output) -> (B, E) embeddings."""
-        return self.project_text(self.text_features(texts, attention_mask).pooled, normalize)
+        """Texts (strings, token ids or a tokenizer output) -> (B, E) embeddings.
 
-    def encode_image(self, images: Any, normalize: bool = True) -> torch.Tensor:
-        """PIL images or a pixel tensor (B, 3, S, S) -> (B, E) embeddings."""
-        return self.project_image(self.image_features(images).pooled, normalize)
+        Runs without autograd; ``grad=True`` keeps the graph, to train through the result.
+        """
+        with _autograd(grad):
+            return self.project_text(self.text_features(texts, attention_mask).pooled, normalize)
+
+    def encode_image(self, images: Any, normalize: bool = True, grad: bool = False) -> torch.Tensor:
+        """PIL images or a pixel tensor (B, 3, S, S) -> (B, E) embeddings.
+
+        Runs without autograd; ``grad=True`` keeps the graph, to train through the result.
+        """
+        with _autograd(grad):
+            return self.project_image(self.image_features(images).pooled, normalize)
 
     def get_logit_scale(self) -> torch.Tensor:
         """The inverse temperature, clamped to [1, ``max_logit_scale``]."""
@@ -227,11 +245,15 @@ class MultimodalModel(nn.Module):
             raise RuntimeError("This model has no fusion layers (fusion.num_layers = 0).")
         return self.fusion(text_tokens, text_mask, image_tokens, output_attentions)
 
-    def match(self, images: Any, texts: TextInput) -> torch.Tensor:
-        """Image-text matching probability of each aligned (image, text) pair: (B,)."""
-        img = self.image_features(images)
-        txt = self.text_features(texts)
-        return self.fuse(img.tokens, txt.tokens, txt.attention_mask).itm_logits.softmax(-1)[:, 1]
+    def match(self, images: Any, texts: TextInput, grad: bool = False) -> torch.Tensor:
+        """Image-text matching probability of each aligned (image, text) pair: (B,).
+
+        Runs without autograd unless ``grad=True``.
+        """
+        with _autograd(grad):
+            img = self.image_features(images)
+            txt = self.text_features(texts)
+            return self.fuse(img.tokens, txt.tokens, txt.attention_mask).itm_logits.softmax(-1)[:, 1]
 
     def forward(
         self,
@@ -339,9 +361,10 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MultimodalModel":
-        """Load a model written by :meth:`save_pretrained`. Needs nothing outside ``directory``."""
-        from safetensors.torch import load_model
+        """Load a model written by :meth:`save_pretrained`. Needs nothing outside ``directory``.
 
+        A missing, truncated or mismatched file raises :class:`~mmtransfer.ModelFileError` naming it.
+        """
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
@@ -349,12 +372,18 @@ class MultimodalModel(nn.Module):
                 f"'{directory}' holds no saved mmtransfer model (no {CONFIG_FILE}). "
                 "Save one with model.save_pretrained(folder), or build one with mmtransfer.create_model(name)."
             )
-        meta = json.loads(config_path.read_text())
-        if meta.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"'{config_path}' is not an mmtransfer model config (model_type={meta.get('model_type')!r}).")
-        config = from_dict(ModelConfig, meta["config"])
+        meta = read_json(config_path)
+        if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE or not isinstance(meta.get("config"), dict):
+            found = f"model_type={meta.get('model_type')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+            raise ModelFileError(f"'{config_path}' is not an mmtransfer model config ({found}); {FIX}.")
+        try:
+            config = from_dict(ModelConfig, meta["config"])
+        except ConfigError as err:
+            raise ModelFileError(f"'{config_path}' does not describe a model this version can build: {err}") from None
+        # The towers read these with transformers, whose errors do not say what to do.
+        read_json(directory / TEXT_CONFIG_DIR / "config.json")
         model = cls(config, TextEncoder.from_saved(config.text, directory), ImageEncoder.from_saved(config.image, directory))
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(map_location))
+        load_weights(model, directory / WEIGHTS_FILE, device=str(map_location))
         return model.eval()
 
 

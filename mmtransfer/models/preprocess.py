@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..config import FRACTION, Range, above, at_least, check_ranges
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -60,6 +62,10 @@ class AugmentConfig:
     # Random zoom factor range of the affine transform, e.g. [0.75, 1.1] (None disables).
     # The corners it uncovers are filled with the preprocessing background colour.
     scale: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(self, crop_scale=Range(0, 1, low_open=True), hflip=FRACTION, color_jitter=at_least(0),
+                     degrees=at_least(0), translate=FRACTION, scale=above(0))
 
     @property
     def enabled(self) -> bool:
@@ -180,7 +186,9 @@ class ImagePreprocessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "ImagePreprocessor":
-        data = json.loads((Path(directory) / PREPROCESSOR_FILE).read_text())
+        from .files import read_json
+
+        data = read_json(Path(directory) / PREPROCESSOR_FILE)
         pre = data["preprocess"]
         for key in ("mean", "std", "background"):
             pre[key] = tuple(pre[key])

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import TextEncoderConfig
 from ..registry import TEXT_ALIASES, UnknownModelError, resolve_text_name
 from .common import find_blocks
+from .files import check_hf_folder
 from .outputs import TextEncoderOutput
 
 logger = logging.getLogger(__name__)
@@ -22,10 +23,20 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def _load_hf(what: str, loader: Any, source: str, **kwargs: Any) -> Any:
-    """Call a Hugging Face ``from_pretrained`` and turn its failures into one clear sentence."""
+    """Call a Hugging Face ``from_pretrained`` and turn its failures into one clear sentence.
+
+    A local folder whose config.json or safetensors weights are broken raises
+    :class:`~mmtransfer.ModelFileError` naming the file; anything else that cannot
+    be loaded is an :class:`UnknownModelError`.
+    """
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
+        if Path(source).is_dir():
+            # Only now, on the error path, read the folder's files to find the broken one.
+            check_hf_folder(Path(source))
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         where = "a local folder" if Path(source).exists() else "a Hugging Face hub name"
         raise UnknownModelError(
