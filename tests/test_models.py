@@ -355,3 +355,20 @@ def test_create_model_from_dict_and_unknown_key():
     assert model.encode_text(["x"]).shape == (1, 16)
     with pytest.raises(mmtransfer.ConfigError, match="Valid keys"):
         mmtransfer.create_model({"embed_dimension": 16})
+
+
+def test_models_saved_with_the_text_towers_pooler_still_load(tiny_model, tmp_path):
+    """Saved folders from before the pooler head was dropped hold pooler.* weights: they load, and nothing else is lenient."""
+    from safetensors.torch import load_file, save_file
+
+    import mmtransfer
+
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    weights = load_file(str(folder / "model.safetensors"))
+    assert not any(".pooler." in k for k in weights)  # dropped: no loss could train it
+    save_file({**weights, "text_encoder.model.pooler.dense.weight": torch.zeros(32, 32)}, str(folder / "model.safetensors"))
+    loaded = mmtransfer.load(str(folder))
+    assert torch.equal(loaded.logit_scale, tiny_model.logit_scale)
+    save_file({**weights, "image_projection.extra": torch.zeros(2)}, str(folder / "model.safetensors"))
+    with pytest.raises(mmtransfer.ModelFileError, match="image_projection.extra"):
+        mmtransfer.load(str(folder))

@@ -39,15 +39,23 @@ def check_safetensors(path: Path) -> None:
         raise ModelFileError(f"'{path}' is truncated or not a safetensors file ({err}); {FIX}.") from None
 
 
-def load_weights(model: nn.Module, path: Path, device: str = "cpu") -> None:
-    """Load the safetensors file ``path`` into ``model`` (every key must match), naming the file when it cannot."""
+def load_weights(model: nn.Module, path: Path, device: str = "cpu", obsolete: tuple[str, ...] = ()) -> None:
+    """Load the safetensors file ``path`` into ``model`` (every key must match), naming the file when it cannot.
+
+    Keys starting with one of ``obsolete`` may be in the file without a place in the
+    model (weights that an older version saved and this one no longer has).
+    """
     from safetensors.torch import load_model
 
     if not path.is_file():
         raise ModelFileError(f"'{path}' is missing from the model folder; {FIX}.")
     check_safetensors(path)
     try:
-        load_model(model, str(path), strict=True, device=device)
+        missing, unexpected = load_model(model, str(path), strict=False, device=device)
+        unexpected = [k for k in unexpected if not k.startswith(obsolete)] if obsolete else unexpected
+        if missing or unexpected:
+            raise RuntimeError(f"Error(s) in loading state_dict\nmissing keys {sorted(missing)[:5]}, "
+                               f"unexpected keys {sorted(unexpected)[:5]}")
     except RuntimeError as err:
         # torch's message starts "Error(s) in loading state_dict"; the next line says which keys or shapes differ.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]

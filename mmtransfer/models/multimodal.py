@@ -383,7 +383,8 @@ class MultimodalModel(nn.Module):
         # The towers read these with transformers, whose errors do not say what to do.
         read_json(directory / TEXT_CONFIG_DIR / "config.json")
         model = cls(config, TextEncoder.from_saved(config.text, directory), ImageEncoder.from_saved(config.image, directory))
-        load_weights(model, directory / WEIGHTS_FILE, device=str(map_location))
+        # Models saved before the text tower dropped its unused pooler head still load.
+        load_weights(model, directory / WEIGHTS_FILE, device=str(map_location), obsolete=("text_encoder.model.pooler.",))
         return model.eval()
 
 
