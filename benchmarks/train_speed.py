@@ -99,13 +99,13 @@ def run_ours(batch_size: int, steps: int, warmup: int, variant: str) -> list[flo
     import torch
 
     import mmtransfer
-    from mmtransfer.objectives import CaptionObjectiveConfig, CaptionTask
+    from mmtransfer.objectives.captions import CaptionObjectiveConfig, CaptionTask
     from mmtransfer.train import OptimConfig, Trainer, TrainConfig
 
     torch.manual_seed(0)
     if variant in ("frozen", "cached"):
         from mmtransfer.config import load_config
-        from mmtransfer.finetune import FinetuneConfig
+        from mmtransfer.assemble.captions import FinetuneConfig
 
         recipe = load_config(FinetuneConfig, Path(__file__).resolve().parents[1] / "configs" / "openmoji_contrastive.yaml")
         model = mmtransfer.create_model(recipe.model)

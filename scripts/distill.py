@@ -19,9 +19,8 @@ Examples:
 
 from __future__ import annotations
 
-from mmtransfer.cli import parse_args, run_main
-from mmtransfer.distill import DistillConfig, run
-from mmtransfer.train import setup_logging
+from mmtransfer.cli import parse_args, run_main, setup_logging
+from mmtransfer.recipes.distill import DistillConfig, run
 
 
 def main() -> None:

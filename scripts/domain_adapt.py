@@ -23,9 +23,8 @@ Examples:
 
 from __future__ import annotations
 
-from mmtransfer.adapt import AdaptConfig, run
-from mmtransfer.cli import parse_args, run_main
-from mmtransfer.train import setup_logging
+from mmtransfer.cli import parse_args, run_main, setup_logging
+from mmtransfer.recipes.adapt import AdaptConfig, run
 
 
 def main() -> None:

@@ -31,8 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import mmtransfer
-    from mmtransfer.models.multimodal import MultimodalModel
-    from mmtransfer.train import setup_logging
+    from mmtransfer.cli import setup_logging
 
     setup_logging()
     log = logging.getLogger("ensemble_models")
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for folder in args.models:
             model = mmtransfer.load(folder)
-            if not isinstance(model, MultimodalModel):
+            if not isinstance(model, mmtransfer.MultimodalModel):
                 raise ValueError(f"'{folder}' holds an image classifier, not a caption model: give the model/ of finetune_captions.py runs.")
             models.append(model)
             log.info("loaded %s (%d image projection(s))", folder, model.config.image_projection_members)

@@ -21,41 +21,22 @@ Examples:
 from __future__ import annotations
 
 
-from mmtransfer.cli import parse_args, run_main
-from mmtransfer.finetune import FinetuneConfig, example_image_code, run
-from mmtransfer.train import setup_logging
+from mmtransfer.cli import parse_args, run_main, setup_logging
+from mmtransfer.recipes import captions, multitask
+from mmtransfer.recipes.captions import FinetuneConfig
 
 
 def main() -> None:
     config, args = parse_args(FinetuneConfig, __doc__)
     setup_logging()
-    summary = run_main(run, config, args.fast_dev_run)
-    if summary is None:
+    if config.tasks is not None:  # a multi-task run: the same config with a tasks section
+        summary = run_main(multitask.run, config, args.fast_dev_run)
+        if summary is not None:
+            print(multitask.format_report(summary))
         return
-    if "tasks" in summary:
-        from mmtransfer.multitask import format_report
-
-        print(format_report(summary))
-        return
-    print(_report(summary))
-
-
-def _report(summary: dict) -> str:
-    lines = ["", "Retrieval (recall@K, %; +ITM: top candidates re-ranked by the fusion layer)", f"{'split':<12}{'i2t R@1':>9}{'i2t R@5':>9}{'i2t R@10':>10}{'t2i R@1':>9}{'t2i R@5':>9}{'t2i R@10':>10}"]
-    cols = (("i2t_R@1", 9), ("i2t_R@5", 9), ("i2t_R@10", 10), ("t2i_R@1", 9), ("t2i_R@5", 9), ("t2i_R@10", 10))
-    for name, metrics in (("validation", summary["validation"]), ("test", summary["test"])):
-        m = {k.split("/")[-1]: v for k, v in metrics.items()}
-        for prefix, label in (("", name), ("itm_", f"{name}+ITM")):
-            if any(k.startswith(prefix) and (prefix or not k.startswith("itm_")) for k in m):
-                lines.append(f"{label:<12}" + "".join(f"{m.get(prefix + k, float('nan')):>{w}.1f}" for k, w in cols))
-    image, note = example_image_code(summary)
-    lines += ["", f"Run folder: {summary['run_dir']}", f"Model:      {summary['model_dir']}", "",
-              "Load it and embed an image:",
-              "  import mmtransfer",
-              "  from PIL import Image",
-              f"  model = mmtransfer.load({summary['model_dir']!r})",
-              f"  emb = model.encode_image([Image.open({image})]){note}"]
-    return "\n".join(lines)
+    summary = run_main(captions.run, config, args.fast_dev_run)
+    if summary is not None:
+        print(captions.format_report(summary))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ Examples:
 
 from __future__ import annotations
 
-from mmtransfer.classify import ClassifyConfig, run
-from mmtransfer.cli import parse_args, run_main
-from mmtransfer.train import setup_logging
+from mmtransfer.recipes.classify import ClassifyConfig, run
+from mmtransfer.cli import parse_args, run_main, setup_logging
 
 
 def main() -> None:

@@ -321,13 +321,13 @@ def test_problems_follow_their_rows_into_a_balanced_sample(tmp_path):
 
 
 def test_fast_dev_runs_take_balanced_samples():
-    from mmtransfer import adapt
+    from mmtransfer.assemble import domains
     from mmtransfer.train import TrainConfig, fast_dev_slice
 
     section = DataConfig(name="mnist5k", max_samples=1000)
     fast_dev_slice(TrainConfig(), [section, None], 64)
     assert section.max_samples == 64 and section.sample == "balanced"
-    cfg = adapt.AdaptConfig()
-    adapt._fast_dev(cfg)
+    cfg = domains.AdaptConfig()
+    domains._fast_dev(cfg)
     assert cfg.train.fast_dev_run and cfg.data.source.max_samples == 64 and cfg.data.source.sample == "balanced"
     assert cfg.data.target.sample == "balanced"

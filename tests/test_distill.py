@@ -11,23 +11,15 @@ import torch
 import torch.nn.functional as F
 
 import mmtransfer
-from mmtransfer.adapt import ClassifierConfig, ImageClassifier
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.config import ConfigError, load_config
-from mmtransfer.distill import (
-    ClassifyDistillTask,
-    DistillConfig,
-    DistillLossConfig,
-    MultimodalDistillTask,
-    check_class_order,
-    check_distill_config,
-    convert_pixels,
-    image_cost,
-    load_teacher,
-)
+from mmtransfer.recipes.distill import DistillConfig, check_distill_config
+from mmtransfer.objectives.distill import DistillLossConfig
+from mmtransfer.objectives.distill import ClassifyDistillTask, MultimodalDistillTask, check_class_order, convert_pixels, image_cost, load_teacher
 from mmtransfer.losses.distill import EmbeddingDistillLoss, KDLoss
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.models.preprocess import PreprocessConfig
-from mmtransfer.train import StepInfo
+from mmtransfer.objectives.base import StepInfo
 from test_domain import _batch  # source (B, 3, 16, 16) with labels in 0..2, target shifted by +1
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +174,7 @@ def test_multimodal_distillation_copies_the_text_side_and_is_zero_for_equal_towe
     torch.manual_seed(1)
     for p in student.text_projection.parameters():
         torch.nn.init.normal_(p)
-    from mmtransfer.distill import _copy_text_side
+    from mmtransfer.recipes.distill import _copy_text_side
 
     _copy_text_side(student, teacher)
     for k, v in teacher.text_projection.state_dict().items():
@@ -279,7 +271,7 @@ def test_fast_dev_run_digits(tmp_path, run_script):
 
 @pytest.mark.slow
 def test_fast_dev_run_multimodal_embedding(tmp_path, run_script):
-    from mmtransfer.finetune import FinetuneConfig
+    from mmtransfer.assemble.captions import FinetuneConfig
 
     teacher = load_config(FinetuneConfig, ROOT / "configs" / "openmoji_frozen_baseline.yaml").model
     mmtransfer.create_model(teacher).save_pretrained(tmp_path / "teacher")

@@ -10,17 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtransfer.adapt import (
-    AdaptConfig,
-    ClassifierConfig,
-    ClassifyAdaptTask,
-    ImageClassifier,
-    MethodConfig,
-    MultimodalAdaptTask,
-    TensorBatches,
-    check_config,
-    grl_lambda,
-)
+from mmtransfer.assemble.domains import AdaptConfig, check_config
+from mmtransfer.assemble.domain_data import TensorBatches
+from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, MultimodalAdaptTask, grl_lambda
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.config import ConfigError
 from mmtransfer.losses.domain import (
     ConditionalDomainAdversarialLoss,
@@ -35,7 +28,8 @@ from mmtransfer.losses.domain import (
 )
 from mmtransfer.models.lenet import LeNet, LeNetConfig
 from mmtransfer.schedules import dann_lambda
-from mmtransfer.train import OptimConfig, StepInfo, Trainer, TrainConfig
+from mmtransfer.train import OptimConfig, Trainer, TrainConfig
+from mmtransfer.objectives.base import StepInfo
 
 TINY_LENET = LeNetConfig(channels=[4, 8], image_size=16)
 

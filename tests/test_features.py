@@ -94,7 +94,7 @@ def _captioned_folder(root: Path, n: int = 24) -> Path:
 
 
 def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
-    from mmtransfer import finetune
+    from mmtransfer.recipes import captions as finetune
     from mmtransfer.config import from_dict
     from mmtransfer.registry import get_preset
 
@@ -127,7 +127,8 @@ def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
 @pytest.mark.parametrize("frozen_image", [True, False])
 def test_finetune_with_caption_templates(tmp_path, frozen_image):
     """Templated training captions: cached text holds every form (frozen towers), or the raw collator templates them."""
-    from mmtransfer import finetune
+    from mmtransfer.assemble import captions
+    from mmtransfer.recipes import captions as finetune
     from mmtransfer.config import ConfigError, from_dict
     from mmtransfer.registry import get_preset
 
@@ -145,7 +146,7 @@ def test_finetune_with_caption_templates(tmp_path, frozen_image):
         return cfg
 
     assert finetune.run(config(["{}", "a picture of {}"]))["steps"] == 2
-    assert finetune.caption_templates(config("default").data) == tuple(DEFAULT_TEMPLATES)
+    assert captions.caption_templates(config("default").data) == tuple(DEFAULT_TEMPLATES)
     with pytest.raises(ConfigError, match="data.caption_templates must be .* one '{}' each"):
         finetune.run(config(["a picture"]))
 

@@ -8,20 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtransfer.adapt import (
-    AdaptConfig,
-    ClassifierConfig,
-    ClassifyAdaptTask,
-    DiscriminatorConfig,
-    ImageClassifier,
-    MethodConfig,
-    MultimodalAdaptTask,
-    balanced_items,
-    check_config,
-    labels_and_names,
-    pool_sources,
-    zero_shot_candidates,
-)
+from mmtransfer.assemble.domains import AdaptConfig, check_config
+from mmtransfer.assemble.domain_data import balanced_items, labels_and_names, pool_sources, zero_shot_candidates
+from mmtransfer.objectives.domain import ClassifyAdaptTask, DiscriminatorConfig, MethodConfig, MultimodalAdaptTask
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.config import ConfigError
 from mmtransfer.losses.domain import (
     CORALLoss,
@@ -31,7 +21,7 @@ from mmtransfer.losses.domain import (
     PairwiseDomainLoss,
 )
 from mmtransfer.models.lenet import LeNetConfig
-from mmtransfer.train import StepInfo
+from mmtransfer.objectives.base import StepInfo
 
 SYMBOLA = Path("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf")
 
@@ -267,7 +257,7 @@ def test_emoji_dg_coral_recipe_weight_makes_the_loss_count():
 
 
 def test_domain_share_is_read_from_the_metrics_log(tmp_path):
-    from mmtransfer.adapt import domain_share
+    from mmtransfer.assemble.domain_run import domain_share
 
     assert domain_share(tmp_path) is None
     (tmp_path / "metrics.jsonl").write_text(

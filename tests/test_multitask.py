@@ -10,20 +10,13 @@ import torch
 import mmtransfer
 from mmtransfer.config import ConfigError
 from mmtransfer.features import CachedCaptionCollator, CachedFeatures
-from mmtransfer.multitask import (
-    CachedImageBatches,
-    FixedWeighting,
-    LabelObjective,
-    MixedBatchSampler,
-    MultiTask,
-    UncertaintyWeighting,
-    batch_shares,
-    load_classifier,
-    mixed_loader,
-    save_label_head,
-)
-from mmtransfer.objectives import CaptionObjective, CaptionObjectiveConfig
-from mmtransfer.train import OptimConfig, StepInfo, Trainer, TrainConfig
+from mmtransfer.transfer import load_classifier, save_label_head
+from mmtransfer.data.mixed import CachedImageBatches, MixedBatchSampler, batch_shares, mixed_loader
+from mmtransfer.objectives.multitask import LabelObjective, MultiTask
+from mmtransfer.objectives.weighting import FixedWeighting, UncertaintyWeighting
+from mmtransfer.objectives.captions import CaptionObjective, CaptionObjectiveConfig
+from mmtransfer.train import OptimConfig, Trainer, TrainConfig
+from mmtransfer.objectives.base import StepInfo
 from mmtransfer.transfer import LinearHead
 
 
@@ -294,7 +287,8 @@ def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_pat
     from data_helpers import save_image, write_jsonl
 
     from mmtransfer.config import load_config
-    from mmtransfer.finetune import FinetuneConfig, run
+    from mmtransfer.recipes.multitask import run
+    from mmtransfer.assemble.captions import FinetuneConfig
 
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
     rows = []

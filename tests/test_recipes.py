@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from mmtransfer.adapt import AdaptConfig
-from mmtransfer.classify import ClassifyConfig
+from mmtransfer.assemble.domains import AdaptConfig
+from mmtransfer.recipes.classify import ClassifyConfig
 from mmtransfer.config import ConfigError, load_config
-from mmtransfer.distill import DistillConfig
-from mmtransfer.finetune import FinetuneConfig
+from mmtransfer.recipes.distill import DistillConfig
+from mmtransfer.assemble.captions import FinetuneConfig
 
 try:
     from data_helpers import load_repo_module

@@ -8,15 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtransfer.adapt import (
-    AdaptConfig,
-    ClassifierConfig,
-    ClassifyAdaptTask,
-    ImageClassifier,
-    MethodConfig,
-    check_config,
-    weighted_mean,
-)
+from mmtransfer.assemble.domains import AdaptConfig, check_config
+from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, weighted_mean
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.config import ConfigError
 from mmtransfer.losses.contrastive import ContrastiveLoss
 from mmtransfer.losses.reweight import (
@@ -29,7 +23,7 @@ from mmtransfer.losses.reweight import (
     weight_stats,
 )
 from mmtransfer.models.lenet import LeNetConfig
-from mmtransfer.train import StepInfo
+from mmtransfer.objectives.base import StepInfo
 
 
 # Each test starts with no Accelerate state left by the one before (conftest.py).
@@ -223,12 +217,14 @@ def _tiny_cfg(tmp_path, **reweight) -> AdaptConfig:
 def test_weights_are_estimated_once_saved_and_restored_on_resume(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    import mmtransfer.adapt as adapt
+    import mmtransfer.assemble.domain_data as domain_data
+    import mmtransfer.assemble.domains as domains
+    import mmtransfer.recipes.adapt as adapt
 
     cfg = _tiny_cfg(tmp_path)
     summary = adapt.run(cfg)
     run_dir = tmp_path / "run"
-    saved = load_file(str(run_dir / adapt.WEIGHTS_FILE))["weights"]
+    saved = load_file(str(run_dir / domains.WEIGHTS_FILE))["weights"]
     assert saved.shape == (24,) and float(saved.mean()) == pytest.approx(1.0, abs=1e-5)
     assert (run_dir / "source_weights.png").is_file()
     assert {"ess", "ess_fraction", "min", "max"} <= set(summary["reweight"])
@@ -237,19 +233,19 @@ def test_weights_are_estimated_once_saved_and_restored_on_resume(tmp_path, monke
     def no_estimate(*args, **kwargs):
         raise AssertionError("the weights were estimated again on resume")
 
-    monkeypatch.setattr(adapt, "importance_weights", no_estimate)
+    monkeypatch.setattr(domains, "importance_weights", no_estimate)
     marked = saved.clone()
     marked[0] = 5.0  # a value the estimator would not give: proves the file is what is used
-    save_file({"weights": marked, "ratio": marked.clone()}, str(run_dir / adapt.WEIGHTS_FILE), metadata={"method": "classifier", "stats": "{}", "info": "{}"})
+    save_file({"weights": marked, "ratio": marked.clone()}, str(run_dir / domains.WEIGHTS_FILE), metadata={"method": "classifier", "stats": "{}", "info": "{}"})
     seen = {}
-    original = adapt.RowValues.__call__
+    original = domain_data.RowValues.__call__
 
     def spy(self, items):
         batch = original(self, items)
         seen.update(zip([int(i) for i in items], batch["weight"].tolist()))
         return batch
 
-    monkeypatch.setattr(adapt.RowValues, "__call__", spy)
+    monkeypatch.setattr(domain_data.RowValues, "__call__", spy)
     resumed = _tiny_cfg(tmp_path)
     resumed.train.resume = str(run_dir / "checkpoints" / "checkpoint-2")
     resumed.train.max_steps = 6
@@ -258,7 +254,7 @@ def test_weights_are_estimated_once_saved_and_restored_on_resume(tmp_path, monke
 
 
 def test_changed_source_on_resume_is_refused(tmp_path):
-    import mmtransfer.adapt as adapt
+    import mmtransfer.recipes.adapt as adapt
 
     adapt.run(_tiny_cfg(tmp_path))
     cfg = _tiny_cfg(tmp_path)
@@ -288,7 +284,7 @@ def test_reweight_config_errors_are_explained():
 
 def test_ratio_features_from_pixels_and_from_a_saved_classifier(tmp_path):
     from mmtransfer import data
-    from mmtransfer.adapt import ratio_features
+    from mmtransfer.assemble.domains import ratio_features
 
     ds = data.load(str(_class_folder(tmp_path / "imgs", 0.0, n=3)))
     cfg = AdaptConfig()

@@ -12,7 +12,7 @@ import torch
 
 from mmtransfer import checkpoint
 from mmtransfer.checkpoint import CheckpointError
-from mmtransfer.train import RunFolderError, list_checkpoints, prepare_run_folder, read_metrics
+from mmtransfer.run_folder import RunFolderError, list_checkpoints, prepare_run_folder, read_metrics
 
 try:
     from test_train import _trainer

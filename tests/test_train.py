@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 import mmtransfer
 from mmtransfer.losses import ContrastiveLoss, MatchingLoss, sample_hard_negatives
-from mmtransfer.objectives import CaptionObjectiveConfig, CaptionTask, caption_groups
+from mmtransfer.objectives.captions import CaptionObjectiveConfig, CaptionTask, caption_groups
 from mmtransfer.schedules import dann_lambda, warmup_cosine
-from mmtransfer.train import OptimConfig, Trainer, TrainConfig, list_checkpoints, parameter_groups
+from mmtransfer.train import OptimConfig, Trainer, TrainConfig, parameter_groups
+from mmtransfer.run_folder import list_checkpoints
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20),
            "black": (0, 0, 0), "white": (255, 255, 255), "purple": (140, 20, 160), "orange": (250, 140, 0)}
@@ -254,7 +255,7 @@ def test_rerank_recall_uses_the_pair_scorer():
 
 
 def test_label_positives_group_images_of_a_class_captioned_differently(tiny_model):
-    from mmtransfer.objectives import CaptionObjective, CaptionObjectiveConfig
+    from mmtransfer.objectives.captions import CaptionObjective, CaptionObjectiveConfig
 
     texts = ["seven", "the digit 7", "eight", "seven"]
     tok = tiny_model.tokenize(texts)
@@ -271,7 +272,7 @@ def test_label_positives_group_images_of_a_class_captioned_differently(tiny_mode
 
 
 def test_soft_targets_mix_the_text_neighbourhood_into_the_targets():
-    from mmtransfer.objectives import CaptionObjective
+    from mmtransfer.objectives.captions import CaptionObjective
 
     torch.manual_seed(0)
     images, texts = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
@@ -296,9 +297,9 @@ def test_each_image_projection_member_trains_on_its_own_loss():
     import dataclasses
 
     import mmtransfer
-    from mmtransfer.objectives import CaptionObjective
+    from mmtransfer.objectives.captions import CaptionObjective
     from mmtransfer.registry import get_preset
-    from mmtransfer.train import StepInfo
+    from mmtransfer.objectives.base import StepInfo
 
     torch.manual_seed(0)
     model = mmtransfer.create_model(dataclasses.replace(get_preset("tiny-random"), image_projection="mlp", image_projection_members=2)).eval()  # no dropout
@@ -320,9 +321,9 @@ def test_split_member_batches_give_each_member_its_own_slice():
     import dataclasses
 
     import mmtransfer
-    from mmtransfer.objectives import CaptionObjective
+    from mmtransfer.objectives.captions import CaptionObjective
     from mmtransfer.registry import get_preset
-    from mmtransfer.train import StepInfo
+    from mmtransfer.objectives.base import StepInfo
 
     torch.manual_seed(0)
     model = mmtransfer.create_model(dataclasses.replace(get_preset("tiny-random"), image_projection="mlp", image_projection_members=2)).eval()

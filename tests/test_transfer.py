@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtransfer.classify import ClassifyConfig, _train_mode, few_shot_indices, pooled_features
+from mmtransfer.recipes.classify import ClassifyConfig, _train_mode, few_shot_indices, pooled_features
 from mmtransfer.evaluate import classification_metrics, confusion_matrix
-from mmtransfer.transfer import ImageClassifier, LinearHead, class_embeddings, hub_penalty, interpolated, wise_ft
+from mmtransfer.transfer import (ImageClassifier, LinearHead, class_embeddings, hub_penalty, interpolated, wise_ft,
+                                 zero_shot_classifier)
 
 NAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
 RGB = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 20)]
@@ -51,7 +52,7 @@ def test_zero_shot_picks_the_class_whose_text_matches_the_image(tiny_model):
         pooled = model.image_encoder(pixels).pooled[0]  # (Di,)
         # Make the image tower's projection map this image exactly onto class 2's text embedding.
         model.image_projection.net.weight.copy_(torch.outer(w[2], pooled) / pooled.dot(pooled))
-    clf = model.zero_shot_classifier(NAMES, ["{}"])
+    clf = zero_shot_classifier(model, NAMES, ["{}"])
     logits = clf(pixels)
     assert logits.shape == (1, 4)
     assert clf.predict(pixels) == ["blue sky"]
@@ -59,7 +60,7 @@ def test_zero_shot_picks_the_class_whose_text_matches_the_image(tiny_model):
 
 
 def test_wise_ft_endpoints_and_midpoint(tiny_model):
-    zs = tiny_model.zero_shot_classifier(NAMES)
+    zs = zero_shot_classifier(tiny_model, NAMES)
     ft = copy.deepcopy(zs)
     with torch.no_grad():
         for p in ft.parameters():
@@ -77,7 +78,7 @@ def test_wise_ft_endpoints_and_midpoint(tiny_model):
 
 
 def test_lp_ft_probe_phase_leaves_towers_untouched(tiny_model, colour_dataset, tmp_path, monkeypatch):
-    import mmtransfer.classify as C
+    import mmtransfer.recipes.classify as C
 
     cfg = ClassifyConfig()
     cfg.train.max_steps, cfg.train.batch_size, cfg.method.probe_steps = 3, 8, 3
@@ -136,22 +137,23 @@ def test_hub_penalty_marks_down_the_class_near_every_reference_image():
         hub_penalty(classes, torch.zeros(5, 4))
 
 
-def test_zero_shot_classifier_with_reference_images(tiny_model):
+def test_zero_shot_classifier_with_reference_embeddings(tiny_model):
     model = copy.deepcopy(tiny_model).eval()
     pixels, reference = torch.randn(2, 3, 32, 32), torch.randn(6, 3, 32, 32)
-    plain = model.zero_shot_classifier(NAMES, ["{}"])
-    corrected = model.zero_shot_classifier(NAMES, ["{}"], reference_images=reference, hub_k=3, hub_weight=0.5)
+    plain = zero_shot_classifier(model, NAMES, ["{}"])
+    embedded = model.encode_image(reference)
+    corrected = zero_shot_classifier(model, NAMES, ["{}"], reference=embedded, hub_k=3, hub_weight=0.5)
     with torch.no_grad():
         penalty = hub_penalty(class_embeddings(model, NAMES, ["{}"]), model.encode_image(reference), 3)
         expected = plain(pixels) - 0.5 * model.get_logit_scale() * penalty
     torch.testing.assert_close(corrected(pixels), expected, rtol=1e-4, atol=1e-4)
     assert torch.count_nonzero(plain.head.bias) == 0
-    off = model.zero_shot_classifier(NAMES, ["{}"], reference_images=reference, hub_weight=0.0)
+    off = zero_shot_classifier(model, NAMES, ["{}"], reference=embedded, hub_weight=0.0)
     torch.testing.assert_close(off(pixels), plain(pixels))
 
 
 def test_classify_run_reports_hub_corrected_and_plain_zero_shot(tmp_path, tiny_model, colour_dataset):
-    from mmtransfer.classify import run
+    from mmtransfer.recipes.classify import run
     from mmtransfer.config import from_dict
 
     colour_dataset.save_to_disk(str(tmp_path / "colours"))

@@ -8,7 +8,8 @@ import pytest
 
 from data_helpers import load_repo_module
 from mmtransfer.cli import parse_args
-from mmtransfer.finetune import FinetuneConfig
+from mmtransfer.assemble.captions import FinetuneConfig
+from mmtransfer.recipes import captions
 
 RECIPE = "configs/openmoji_contrastive.yaml"
 
@@ -66,8 +67,8 @@ def test_out_of_range_values_fail_as_the_recipe_loads(override, message):
 
 
 def test_out_of_range_values_in_a_yaml_file_and_other_recipes(tmp_path):
-    from mmtransfer.adapt import AdaptConfig
-    from mmtransfer.classify import ClassifyConfig
+    from mmtransfer.assemble.domains import AdaptConfig
+    from mmtransfer.recipes.classify import ClassifyConfig
     from mmtransfer.config import ConfigError, load_config
 
     recipe = tmp_path / "r.yaml"
@@ -135,7 +136,7 @@ def test_truncated_file_of_a_saved_model_is_named(saved_tiny, broken, problem):
 
 def test_truncated_classifier_weights_are_named(tmp_path):
     import mmtransfer
-    from mmtransfer.adapt import ClassifierConfig, ImageClassifier
+    from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
     from mmtransfer.models.lenet import LeNetConfig
 
     config = ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=8)
@@ -253,7 +254,7 @@ def example_image(tmp_path):
     from datasets import Dataset, Features, Image, Value
     from PIL import Image as PILImage
 
-    from mmtransfer.finetune import save_example_image
+    from mmtransfer.run_folder import save_example_image
 
     empty = Dataset.from_dict({"caption": []}, features=Features({"caption": Value("string")}))
     images = Dataset.from_dict({"image": [PILImage.new("RGBA", (20, 24), (200, 30, 30, 255))], "caption": ["red"]},
@@ -265,19 +266,17 @@ def example_image(tmp_path):
 
 
 def test_printed_load_snippet_runs_as_pasted(saved_tiny, example_image):
-    script = load_repo_module("scripts/finetune_captions.py")
     summary = {"run_dir": str(saved_tiny.parent), "model_dir": str(saved_tiny), "validation": {}, "test": {},
                "example_image": example_image}
-    code = _snippet(script._report(summary), "Load it and embed an image:")
+    code = _snippet(captions.format_report(summary), "Load it and embed an image:")
     namespace: dict = {}
     exec(compile(code, "<printed snippet>", "exec"), namespace)  # a fresh namespace, as a new session has
     assert tuple(namespace["emb"].shape) == (1, 32)
 
 
 def test_printed_snippet_without_an_image_marks_its_placeholder(saved_tiny):
-    script = load_repo_module("scripts/finetune_captions.py")
     summary = {"run_dir": str(saved_tiny.parent), "model_dir": str(saved_tiny), "validation": {}, "test": {}}
-    code = _snippet(script._report(summary), "Load it and embed an image:")
+    code = _snippet(captions.format_report(summary), "Load it and embed an image:")
     compile(code, "<printed snippet>", "exec")
     assert code.splitlines()[-1].endswith("# placeholder: put the path of one of your images here")
 
@@ -285,7 +284,8 @@ def test_printed_snippet_without_an_image_marks_its_placeholder(saved_tiny):
 def test_printed_classifier_snippet_of_a_multitask_run_runs(saved_tiny, example_image, capsys):
     import torch
 
-    from mmtransfer.multitask import format_report, save_label_head
+    from mmtransfer.recipes.multitask import format_report
+    from mmtransfer.transfer import save_label_head
     from mmtransfer.transfer import LinearHead
 
     save_label_head(LinearHead(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)), ["red", "green", "blue"], saved_tiny)

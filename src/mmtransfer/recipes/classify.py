@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import at_least, check_ranges
-from .data.config import DataConfig, cache_root
-from .models.preprocess import AugmentConfig
-from .train import OptimConfig, StepInfo, TaskOutput, TrainConfig
+from ..config import at_least, check_ranges
+from ..data.config import DataConfig, cache_root
+from ..models.preprocess import AugmentConfig
+from ..objectives.labels import ClassificationTask
+from ..train import OptimConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -110,24 +110,6 @@ class ClassifyConfig:
 # ----------------------------------------------------------------------------- the task
 
 
-class ClassificationTask(nn.Module):
-    """Cross-entropy of an :class:`~mmtransfer.transfer.ImageClassifier` on labelled batches.
-
-    Batches hold ``pixel_values`` (B, 3, S, S) or cached ``image_pooled`` (B, Di), and ``labels`` (B,).
-    """
-
-    def __init__(self, classifier: nn.Module) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
-        z = self.classifier.embed(batch.get("pixel_values"), batch.get("image_pooled"))  # (B, E)
-        logits = self.classifier.head(z)  # (B, C)
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        acc = (logits.argmax(1) == batch["labels"]).float().mean()
-        return TaskOutput(loss=loss, metrics={"acc": acc})
-
-
 class _Features(torch.utils.data.Dataset):
     """Cached pooled image-tower features with labels."""
 
@@ -183,8 +165,8 @@ def pooled_features(model: Any, dataset: Any, batch_size: int, progress: bool = 
     kept on disk, keyed by the tower's weights and the data (the same files that
     caption fine-tuning with a frozen tower writes and reads).
     """
-    from . import data as mmdata
-    from .features import image_features, with_row_ids
+    from .. import data as mmdata
+    from ..features import image_features, with_row_ids
 
     ds = with_row_ids(dataset)
     loader = mmdata.make_loader(ds, mmdata.ImageCollator(model.preprocessor), batch_size)
@@ -197,7 +179,7 @@ def pooled_features(model: Any, dataset: Any, batch_size: int, progress: bool = 
 @torch.no_grad()
 def evaluate_classifier(classifier: nn.Module, pooled: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, dict[str, Any]]:
     """Logits (N, C) from cached pooled features and the metrics of :func:`classification_metrics`."""
-    from .evaluate import classification_metrics
+    from ..evaluate import classification_metrics
 
     classifier.eval()
     device = classifier.head.weight.device
@@ -215,33 +197,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     """Run the configured transfer mode; writes results.json, results.md and plots to the run folder."""
-    import mmtransfer
+    from .. import data as mmdata
+    from ..distributed import is_main_process
+    from ..evaluate import confusion_matrix, plot_confusion
+    from ..models.factory import create_model, load
+    from ..transfer import DEFAULT_TEMPLATES, ImageClassifier, LinearHead
 
-    from . import data as mmdata
-    from .distributed import is_main_process
-    from .evaluate import confusion_matrix, plot_confusion
-    from .train import fast_dev_slice
-    from .transfer import DEFAULT_TEMPLATES, ImageClassifier, LinearHead
-
-    if fast_dev_run:
-        fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 96)
-        cfg.method.seeds = cfg.method.seeds[:1]
-        cfg.data.shots = cfg.data.shots[:1] if cfg.data.shots else None
-        cfg.method.probe_steps = 2
-        cfg.method.wise_alphas = [0.0, 0.5, 1.0]
-    run_dir = Path(cfg.train.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _check_and_prepare(cfg, fast_dev_run)
     mode = cfg.method.mode
-    if cfg.method.hub_k < 1 or cfg.method.hub_weight < 0:
-        raise ValueError(f"method.hub_k must be at least 1 and method.hub_weight at least 0; got {cfg.method.hub_k} and "
-                         f"{cfg.method.hub_weight} (data.hub_reference=null turns the hub correction off).")
-    if mode != "zero-shot" and cfg.data.train is None:
-        raise ValueError(f"method.mode={mode} trains on labelled images: set data.train (e.g. {{name: openmoji, split: train}}).")
 
     path = Path(cfg.model)
     # A preset's new projections are drawn at random: seeded, so every run and every process draws the same.
     torch.manual_seed(cfg.train.seed)
-    base = mmtransfer.load(str(path)) if path.is_dir() else mmtransfer.create_model(cfg.model)
+    base = load(str(path)) if path.is_dir() else create_model(cfg.model)
     base.eval()
     templates = cfg.method.templates or list(DEFAULT_TEMPLATES)
 
@@ -256,33 +224,15 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     if int(test_y.max()) >= len(names):
         raise ValueError(f"The test labels go up to {int(test_y.max())} but there are only {len(names)} class names.")
     # Label remapping (identity for "all"): original label id -> position among the candidates.
-    keep = sorted(set(test_y.tolist())) if cfg.data.classes == "present" else list(range(len(names)))
-    remap = torch.full((len(names),), -1, dtype=torch.long)
-    remap[torch.tensor(keep)] = torch.arange(len(keep))
-    names = [names[i] for i in keep]
+    names, remap = _candidates(names, test_y, cfg.data.classes)
     test_y = remap[test_y]
     logger.info("%d candidate classes (%s), e.g. %s", len(names), cfg.data.classes, ", ".join(names[:5]))
     val_ds = _relabel(load_split(cfg.data.validation), remap)
     train_ds = _relabel(load_split(cfg.data.train), remap)
-    draws: dict[tuple[int, int], list[int]] = {}
-    if train_ds is not None and cfg.data.shots:
-        # Few-shot: draw k per class from the whole split, then compute features only for the drawn rows.
-        labels = train_ds["label"]
-        full = {(k, seed): few_shot_indices(labels, k, seed) for k in cfg.data.shots for seed in cfg.method.seeds}
-        used = sorted({i for rows in full.values() for i in rows})
-        position = {row: j for j, row in enumerate(used)}
-        draws = {key: [position[i] for i in rows] for key, rows in full.items()}
-        train_ds = train_ds.select(used)
-        logger.info("few-shot: %d training images cover every draw of k in %s over %d seeds", len(used), cfg.data.shots, len(cfg.method.seeds))
+    train_ds, draws = _few_shot_draws(train_ds, cfg)
     train = pooled_features(base, train_ds, cfg.data.eval_batch_size) if train_ds is not None else None
 
-    reference = None
-    if cfg.data.hub_reference is not None:
-        ref_x, _ = pooled_features(base, mmdata.load(cfg.data.hub_reference), cfg.data.eval_batch_size, cache_dir=features_dir)
-        with torch.no_grad():
-            reference = base.project_image(ref_x.to(base.device))  # (N, E) normalised
-        logger.info("hub correction: %d reference images (%s), k=%d, weight %.2f",
-                    len(reference), cfg.data.hub_reference.name, cfg.method.hub_k, cfg.method.hub_weight)
+    reference = _hub_reference(base, cfg, features_dir)
     zs_head = LinearHead.from_text(base, names, templates, reference, cfg.method.hub_k, cfg.method.hub_weight)
     zero_shot = ImageClassifier(base, zs_head, names)
     zs_logits, zs_metrics = evaluate_classifier(zero_shot, test_x, test_y)
@@ -336,6 +286,66 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     return results
 
 
+
+def _check_and_prepare(cfg: ClassifyConfig, fast_dev_run: bool) -> Path:
+    """Refuse settings that cannot run, shrink a fast dev run, make the run folder; returns it."""
+    from ..train import fast_dev_slice
+
+    if fast_dev_run:
+        fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 96)
+        cfg.method.seeds = cfg.method.seeds[:1]
+        cfg.data.shots = cfg.data.shots[:1] if cfg.data.shots else None
+        cfg.method.probe_steps = 2
+        cfg.method.wise_alphas = [0.0, 0.5, 1.0]
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mode = cfg.method.mode
+    if cfg.method.hub_k < 1 or cfg.method.hub_weight < 0:
+        raise ValueError(f"method.hub_k must be at least 1 and method.hub_weight at least 0; got {cfg.method.hub_k} and "
+                         f"{cfg.method.hub_weight} (data.hub_reference=null turns the hub correction off).")
+    if mode != "zero-shot" and cfg.data.train is None:
+        raise ValueError(f"method.mode={mode} trains on labelled images: set data.train (e.g. {{name: openmoji, split: train}}).")
+    return run_dir
+
+
+def _few_shot_draws(train_ds: Any, cfg: ClassifyConfig) -> tuple[Any, dict[tuple[int, int], list[int]]]:
+    """Few-shot: k per class drawn from the whole split for every (k, seed); the split is cut to the drawn rows."""
+    draws: dict[tuple[int, int], list[int]] = {}
+    if train_ds is not None and cfg.data.shots:
+        # Few-shot: draw k per class from the whole split, then compute features only for the drawn rows.
+        labels = train_ds["label"]
+        full = {(k, seed): few_shot_indices(labels, k, seed) for k in cfg.data.shots for seed in cfg.method.seeds}
+        used = sorted({i for rows in full.values() for i in rows})
+        position = {row: j for j, row in enumerate(used)}
+        draws = {key: [position[i] for i in rows] for key, rows in full.items()}
+        train_ds = train_ds.select(used)
+        logger.info("few-shot: %d training images cover every draw of k in %s over %d seeds", len(used), cfg.data.shots, len(cfg.method.seeds))
+    return train_ds, draws
+
+
+
+def _candidates(names: list[str], test_y: torch.Tensor, classes: str) -> tuple[list[str], torch.Tensor]:
+    """The candidate class names and the map from original label ids to their positions (-1: not a candidate)."""
+    keep = sorted(set(test_y.tolist())) if classes == "present" else list(range(len(names)))
+    remap = torch.full((len(names),), -1, dtype=torch.long)
+    remap[torch.tensor(keep)] = torch.arange(len(keep))
+    return [names[i] for i in keep], remap
+
+
+def _hub_reference(base: Any, cfg: ClassifyConfig, features_dir: Path) -> torch.Tensor | None:
+    """(N, E) normalised embeddings of the hub-correction images (None: no correction)."""
+    from .. import data as mmdata
+
+    if cfg.data.hub_reference is None:
+        return None
+    ref_x, _ = pooled_features(base, mmdata.load(cfg.data.hub_reference), cfg.data.eval_batch_size, cache_dir=features_dir)
+    with torch.no_grad():
+        reference = base.project_image(ref_x.to(base.device))  # (N, E) normalised
+    logger.info("hub correction: %d reference images (%s), k=%d, weight %.2f",
+                len(reference), cfg.data.hub_reference.name, cfg.method.hub_k, cfg.method.hub_weight)
+    return reference
+
+
 def _relabel(dataset: Any, remap: torch.Tensor) -> Any:
     """Map labels onto the candidate classes and drop rows of other classes."""
     if dataset is None:
@@ -362,7 +372,7 @@ def _loader(ds: Any, batch_size: int, shuffle: bool, seed: int) -> torch.utils.d
 
 
 def _fit(cfg: ClassifyConfig, clf: nn.Module, loader: Any, steps: int, out_dir: Path, seed: int) -> None:
-    from .train import Trainer
+    from ..train import Trainer
 
     train_cfg = replace(cfg.train, output_dir=str(out_dir), max_steps=steps, seed=seed, trackers=[], eval_every=0,
                         save_every=0, progress_bar=False)
@@ -372,7 +382,7 @@ def _fit(cfg: ClassifyConfig, clf: nn.Module, loader: Any, steps: int, out_dir: 
 def _train_mode(cfg: ClassifyConfig, mode: str, clf: nn.Module, train_ds: Any, train: tuple[torch.Tensor, torch.Tensor],
                 rows: list[int], seed: int, out_dir: Path) -> nn.Module:
     """Train ``clf`` per ``mode`` on the rows of the training set; returns it (in place)."""
-    from . import data as mmdata
+    from .. import data as mmdata
 
     x, y = train[0][rows], train[1][rows]
     bs = min(cfg.train.batch_size, len(rows))
@@ -396,7 +406,7 @@ def _train_mode(cfg: ClassifyConfig, mode: str, clf: nn.Module, train_ds: Any, t
 
 def _wise_sweep(cfg: ClassifyConfig, clf: nn.Module, zero_shot: nn.Module, select_ds: Any) -> tuple[nn.Module, float, dict[str, float]]:
     """Evaluate every mixing coefficient on ``select_ds`` (validation, else test); keep the best."""
-    from .transfer import interpolated
+    from ..transfer import interpolated
 
     zs_state = {k: v.detach().clone() for k, v in zero_shot.state_dict().items()}
     scores: dict[str, float] = {}

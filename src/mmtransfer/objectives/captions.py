@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FRACTION, above, at_least, check_ranges
-from .data.collate import member_slices
-from .distributed import all_gather_no_grad
-from .evaluate import embed_all, recall_at_k, rerank_recall_at_k
-from .losses import ContrastiveLoss, MatchingLoss
-from .models.multimodal import MultimodalModel
-from .models.outputs import ImageEncoderOutput, TextEncoderOutput
-from .train import StepInfo, TaskOutput
+from ..config import FRACTION, above, at_least, check_ranges
+from ..data.collate import member_slices
+from ..distributed import all_gather_no_grad
+from ..evaluate import embed_all, recall_at_k, rerank_recall_at_k
+from ..losses import ContrastiveLoss, MatchingLoss
+from ..models.multimodal import MultimodalModel
+from ..models.outputs import ImageEncoderOutput, TextEncoderOutput
+from .base import StepInfo, TaskOutput
 
 _HASH_MOD = (1 << 61) - 1
 
@@ -93,7 +93,7 @@ class CaptionObjective(nn.Module):
     """Contrastive alignment plus ALBEF-style image-text matching, over a model passed in.
 
     Holds only its loss modules (no model), so several objectives can share one
-    model inside one task (see :class:`~mmtransfer.multitask.MultiTask`).
+    model inside one task (see :class:`~mmtransfer.recipes.multitask.MultiTask`).
 
     Batches hold either pixels and token ids, or cached tower features:
     ``pixel_values`` (B, 3, S, S) or ``image_tokens`` (B, P, Di) + ``image_pooled`` (B, Di);

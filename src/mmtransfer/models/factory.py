@@ -1,47 +1,19 @@
-"""mmtransfer: move knowledge between text and images.
-
-Public API::
-
-    import mmtransfer
-    model = mmtransfer.create_model("minilm-l6-efficientnet-lite0")   # real packaged weights, offline
-    emb = model.encode_text(["a photo of a cat"])                      # (1, 256)
-    model.save_pretrained("my-model"); model = mmtransfer.load("my-model")
-
-Importing this package is light: torch, transformers and timm are imported
-only when a model is built or loaded.
+"""Building and loading models by name or folder: what ``mmtransfer.create_model``, ``mmtransfer.load`` and
+``mmtransfer.ensemble`` are (the package re-exports them), importable by every layer.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, FusionConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig
-from .registry import DEFAULT_PRESET, ModelFileError, UnknownModelError, describe_models, list_models
+from ..config import ModelConfig
+from ..registry import DEFAULT_PRESET
 
 if TYPE_CHECKING:
     import os
 
-    from .adapt import ImageClassifier
-    from .models.multimodal import MultimodalModel
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "DEFAULT_PRESET",
-    "ConfigError",
-    "FusionConfig",
-    "ImageEncoderConfig",
-    "ModelConfig",
-    "ModelFileError",
-    "MultimodalModel",
-    "TextEncoderConfig",
-    "UnknownModelError",
-    "create_model",
-    "describe_models",
-    "ensemble",
-    "list_models",
-    "load",
-]
+    from .classifier import ImageClassifier
+    from .multimodal import MultimodalModel
 
 
 def create_model(name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_PRESET, pretrained: bool = True) -> "MultimodalModel":
@@ -57,9 +29,9 @@ def create_model(name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_
         >>> model.encode_text(["a red apple"]).shape
         torch.Size([1, 32])
     """
-    from .config import from_dict
-    from .models.multimodal import MultimodalModel
-    from .registry import get_preset
+    from ..config import from_dict
+    from ..registry import get_preset
+    from .multimodal import MultimodalModel
 
     if isinstance(name_or_config, str):
         config = get_preset(name_or_config)
@@ -81,7 +53,7 @@ def ensemble(models: "list[MultimodalModel]") -> "MultimodalModel":
     Example:
         >>> model = ensemble([load(f"runs/seed{s}/model") for s in range(3)])
     """
-    from .models.multimodal import ensemble_image_projections
+    from .multimodal import ensemble_image_projections
 
     return ensemble_image_projections(models)
 
@@ -91,7 +63,7 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
 
     A folder with ``config.json`` holds a :class:`MultimodalModel`
     (``MultimodalModel.save_pretrained``); one with ``classifier.json`` an image
-    classifier (``mmtransfer.adapt.ImageClassifier.save_pretrained``, e.g. the
+    classifier (``mmtransfer.recipes.adapt.ImageClassifier.save_pretrained``, e.g. the
     ``model/`` of a ``scripts/domain_adapt.py`` run). Either comes back in eval mode.
 
     Args:
@@ -107,11 +79,11 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
 
     folder = Path(directory)
     if (folder / "config.json").is_file():
-        from .models.multimodal import MultimodalModel
+        from .multimodal import MultimodalModel
 
         return MultimodalModel.from_pretrained(folder, map_location=map_location)
     if (folder / "classifier.json").is_file():
-        from .adapt import ImageClassifier
+        from .classifier import ImageClassifier
 
         return ImageClassifier.from_pretrained(folder).to(map_location)
     what = "is not a folder" if not folder.is_dir() else "has neither config.json (a multimodal model) nor classifier.json (an image classifier)"
@@ -119,11 +91,3 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
         f"'{folder}' holds no saved mmtransfer model: it {what}. "
         "Point it at the model/ folder of a run, or save one with model.save_pretrained(folder)."
     )
-
-
-def __getattr__(name: str) -> Any:
-    if name == "MultimodalModel":
-        from .models.multimodal import MultimodalModel
-
-        return MultimodalModel
-    raise AttributeError(f"module 'mmtransfer' has no attribute '{name}'")

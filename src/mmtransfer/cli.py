@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import logging
+import os
 import re
 import sys
 import types
@@ -107,7 +109,8 @@ def run_main(fn: Any, *args: Any) -> Any:
     from .checkpoint import CheckpointError
     from .config import ConfigError as _ConfigError
     from .registry import ModelFileError, UnknownModelError
-    from .train import LaunchError, RunFolderError
+    from .run_folder import RunFolderError
+    from .train import LaunchError
 
     known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, ModelFileError, FileNotFoundError,
                                               CheckpointError, LaunchError, RunFolderError)
@@ -126,3 +129,17 @@ def run_main(fn: Any, *args: Any) -> Any:
 
     # Under several processes every one returns the results; only the main process reports them.
     return result if is_main_process() else None
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Console logging for scripts: one line per event, main process only under Accelerate."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "timm", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

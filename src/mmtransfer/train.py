@@ -15,9 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,11 +27,21 @@ from torch import nn
 
 from . import checkpoint
 from .config import FRACTION, Range, at_least, check_ranges, to_dict
+from .evaluate import plot_curves
+from .objectives.base import StepInfo, TaskOutput
+from .run_folder import (
+    CHECKPOINT_PREFIX,
+    SUMMARY_FILE,
+    _folder_error,
+    list_checkpoints,
+    prepare_run_folder,
+    read_metrics,
+    update_summary,
+    write_text_atomic,
+)
 from .schedules import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 # ----------------------------------------------------------------------------- configs
@@ -112,26 +120,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- task interface
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """Where training stands; schedules inside tasks are pure functions of it."""
-
-    step: int
-    total_steps: int
-
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.step / max(1, self.total_steps))
-
-
-@dataclass
-class TaskOutput:
-    """A task's loss and the scalar metrics to log with it."""
-
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -157,73 +145,6 @@ class _TrainState:
 
 class LaunchError(RuntimeError):
     """The processes that were started are not the ones that were asked for."""
-
-
-class RunFolderError(OSError):
-    """The run folder cannot be created or written (a file in the way, read-only, disk full)."""
-
-
-def _folder_error(folder: Path, err: OSError, doing: str) -> RunFolderError:
-    reason = err.strerror or str(err)
-    return RunFolderError(
-        f"Cannot {doing} in the run folder '{folder}': {reason}. Free some space or choose another folder with "
-        "train.output_dir=...; a run that stops here keeps its last complete checkpoint (train.resume=latest)."
-    )
-
-
-def prepare_run_folder(folder: Path) -> None:
-    """Create ``folder`` and check that it takes files, before any model or data is loaded.
-
-    Raises:
-        RunFolderError: a file stands where a folder should be, the folder is read-only, or the disk is full.
-    """
-    probe = folder / f".write-test-{os.getpid()}"  # one per process: several may check at once
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(20, "it is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunFolderError(
-            f"Cannot write the run folder '{folder}' (train.output_dir): {err.strerror or err}. "
-            "Choose a folder you can write to with train.output_dir=..."
-        ) from None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file renamed into place: a crash or full disk never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise _folder_error(path.parent, err, f"write {path.name}") from None
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The records of a ``metrics.jsonl`` and how many unreadable lines were left out.
-
-    A run killed while writing leaves a partial last line; it is dropped (with
-    any other line that is not a JSON object) instead of making the run
-    impossible to resume.
-    """
-    records: list[dict[str, Any]] = []
-    bad = 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -264,42 +185,6 @@ def parameter_groups(task: nn.Module, optim: OptimConfig) -> list[dict[str, Any]
 
 def _scalar(value: torch.Tensor | float) -> float:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / "checkpoints"
-    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """One PNG with a panel per logged metric (training loss first), against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys: list[str] = []
-    for r in records:
-        keys += [k for k in r if k not in ("step", "time") and k not in keys and isinstance(r[k], (int, float))]
-    keys = sorted(keys, key=lambda k: (not k.startswith("train/loss"), not k.startswith("train/"), k))[:12]
-    if not keys:
-        return None
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -672,6 +557,11 @@ class Trainer:
             tracker.finish()
         return TrainResult(self.run_dir, self.state.step, metrics, model_dir)
 
+    def add_to_summary(self, values: dict[str, Any]) -> None:
+        """Add a recipe's results (test metrics, plots, timings) to the run's ``summary.json`` (main process)."""
+        if self.accelerator.is_main_process:
+            update_summary(self.run_dir, values)
+
     def _finish(self, metrics: dict[str, float], elapsed: float) -> Path | None:
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -693,7 +583,7 @@ class Trainer:
                 "curves": str(plot) if plot else None,
                 **self.summary_extra,
             }
-            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return model_dir
 
@@ -718,13 +608,3 @@ def _flat_hparams(run_config: Any) -> dict[str, Any]:
     return flat
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Console logging for scripts: one line per event, main process only under Accelerate."""
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers", "timm", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

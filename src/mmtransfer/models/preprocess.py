@@ -133,10 +133,9 @@ class ImagePreprocessor:
         return ImagePreprocessor(self.config, augment)
 
     def _build(self):
+        import torch
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import v2 as T
-
-        import torch
 
         cfg, aug = self.config, self.augment
         interp = InterpolationMode(cfg.interpolation)

@@ -10,11 +10,17 @@ between the zero-shot and the fine-tuned weights.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import ConfigError
 
 # A compact, general ensemble (after CLIP's ImageNet prompts): plain name, photo, icon and drawing styles.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -172,7 +178,18 @@ class ImageClassifier(nn.Module):
 
 def zero_shot_classifier(model: Any, class_names: Sequence[str], templates: Sequence[str] | None = None,
                          reference: torch.Tensor | None = None, hub_k: int = 10, hub_weight: float = 0.25) -> ImageClassifier:
-    """The zero-shot classifier of ``model`` for ``class_names`` (see :meth:`MultimodalModel.zero_shot_classifier`)."""
+    """A classifier over ``class_names`` built from text alone: the prompt ensemble of each name in the shared space.
+
+    Returns an :class:`ImageClassifier` mapping pixel tensors or PIL images to (B, C)
+    logits; ``.predict(images)`` gives names. With ``reference`` ((N, E) normalised
+    image embeddings, e.g. of the caption training images), class names that lie near
+    many images are marked down by ``hub_weight`` times their :func:`hub_penalty`.
+
+    Example:
+        >>> clf = mmtransfer.zero_shot_classifier(model, ["cat", "dog"], ["a photo of a {}."])
+        >>> clf.predict([image])
+        ['cat']
+    """
     head = LinearHead.from_text(model, class_names, templates, reference, hub_k, hub_weight)
     return ImageClassifier(model, head, class_names)
 
@@ -202,3 +219,126 @@ def interpolated(classifier: ImageClassifier, zero_shot: dict[str, torch.Tensor]
     out = copy.deepcopy(classifier)
     out.load_state_dict(wise_ft(zero_shot, classifier.state_dict(), alpha))
     return out
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassSet:
+    """Class names and where the data's label ids go.
+
+    Shapes:
+        lookup: (L,) for the data set's L label ids: position among ``names``, or -1.
+    """
+
+    names: list[str]
+    lookup: torch.Tensor
+
+    @classmethod
+    def present(cls, datasets: Sequence[Any], what: str) -> "ClassSet":
+        """The classes that occur in ``datasets`` (sorted by label id), named by the first one's ClassLabel."""
+        feature = datasets[0].features.get("label")
+        all_names = list(getattr(feature, "names", None) or [])
+        if not all_names:
+            raise ConfigError(f"The {what} data has no class names (a ClassLabel 'label' column); labels and zero-shot need them.")
+        ids = sorted(set().union(*(set(_labels(d, what).tolist()) for d in datasets)))
+        lookup = torch.full((len(all_names),), -1, dtype=torch.long)
+        lookup[torch.tensor(ids)] = torch.arange(len(ids))
+        return cls([all_names[i] for i in ids], lookup)
+
+    def prompts(self, templates: Sequence[str]) -> list[str]:
+        return [t.format(name) for name in self.names for t in templates]
+
+
+def name_embeddings(model: Any, names: Sequence[str], templates: Sequence[str],
+                    text_cache: Any = None, text_rows: dict[str, int] | None = None) -> torch.Tensor:
+    """Normalised prompt-ensemble embedding of each class name, in the model's shared space.
+
+    From cached text features of the filled templates when given (frozen text
+    tower), else through :func:`mmtransfer.transfer.class_embeddings`.
+
+    Shapes:
+        -> (C, E) for C names.
+    """
+    from .transfer import class_embeddings
+
+    if text_cache is None:
+        return class_embeddings(model, names, templates)
+    prompts = [t.format(n) for n in names for t in templates]
+    rows = torch.tensor([text_rows[p] for p in prompts])  # (C*K,)
+    z = model.project_text(text_cache.pooled[rows].to(model.device))  # (C*K, E)
+    return F.normalize(z.view(len(names), len(templates), -1).mean(1), dim=-1)  # (C, E)
+
+
+@torch.no_grad()
+def classify_split(model: Any, loader: Any, labels: torch.Tensor, classifiers: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                   accelerator: Any = None) -> dict[str, float]:
+    """Top-1/top-5 (%) of each classifier over the embedded images of ``loader``.
+
+    Rows whose label is -1 (a class the classifiers do not cover) are left out.
+
+    Args:
+        loader: image batches with ``image_index`` (cached ``image_pooled`` or ``pixel_values``).
+        labels: (N,) class position of each image_index, or -1.
+        classifiers: name -> fn mapping (N, E) embeddings to (N, C) logits.
+    """
+    from .evaluate import embed_all
+    from .objectives.captions import image_features
+
+    z, idx = embed_all(loader, lambda b: model.project_image(image_features(model, b).pooled), accelerator)  # (N, E), (N,)
+    y = labels[idx]
+    keep = y >= 0
+    z, y = z[keep], y[keep]
+    out: dict[str, float] = {}
+    for name, fn in classifiers.items():
+        logits = fn(z.to(model.device)).float().cpu()  # (N, C)
+        k = min(5, logits.shape[1])
+        out[f"{name}top1"] = 100.0 * float((logits.argmax(1) == y).float().mean())
+        out[f"{name}top{k}"] = 100.0 * float((logits.topk(k, dim=1).indices == y[:, None]).any(1).float().mean())
+    return out
+
+HEAD_WEIGHTS = "label_head.safetensors"
+
+HEAD_CONFIG = "label_head.json"
+
+
+def save_label_head(head: nn.Module, class_names: Sequence[str], folder: str | Path) -> None:
+    """Write the label head beside a saved model: ``label_head.safetensors`` and ``label_head.json`` (class names)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file({"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()},
+              str(folder / HEAD_WEIGHTS))
+    (folder / HEAD_CONFIG).write_text(json.dumps({"class_names": list(class_names)}, indent=2))
+
+
+def load_classifier(folder: str | Path) -> Any:
+    """A model folder written by a multi-task run with a label head, as an image classifier.
+
+    Returns a :class:`~mmtransfer.transfer.ImageClassifier`: images (PIL or a pixel
+    tensor) -> (B, C) logits over the trained classes; ``.predict(images)`` gives names.
+
+    Example:
+        >>> clf = load_classifier("runs/multitask_openmoji_joint/model")
+        >>> clf.predict([Image.open("emoji.png")])   # from PIL import Image
+        ['grinning face']
+    """
+    from safetensors.torch import load_file
+
+    from .models.factory import load
+    from .transfer import ImageClassifier, LinearHead
+
+    folder = Path(folder)
+    if not (folder / HEAD_WEIGHTS).is_file():
+        raise FileNotFoundError(f"'{folder}' has no {HEAD_WEIGHTS}: train a multi-task run with tasks.labels.enabled=true, "
+                                "or load the model alone with mmtransfer.load.")
+    model = load(folder)
+    weights = load_file(str(folder / HEAD_WEIGHTS))
+    names = json.loads((folder / HEAD_CONFIG).read_text())["class_names"]
+    return ImageClassifier(model, LinearHead(weights["weight"], weights["bias"]), names).eval()
+
+
+def _labels(dataset: Any, what: str) -> torch.Tensor:
+    if "label" not in dataset.column_names:
+        raise ConfigError(f"The {what} data has no 'label' column (columns: {', '.join(dataset.column_names)}); it must be labelled.")
+    return torch.tensor(dataset.select_columns(["label"])["label"], dtype=torch.long)

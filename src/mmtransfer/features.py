@@ -219,7 +219,7 @@ class CachedCaptionCollator:
     and the caption ``(draw // copies) % forms`` (forms: its captions, times the
     templates when there are any), so a batch is a pure function
     of its items and a resumed run draws exactly what an uninterrupted one does
-    (see :class:`~mmtransfer.multitask.MixedBatchSampler`).
+    (see :class:`~mmtransfer.recipes.multitask.MixedBatchSampler`).
 
     Args:
         image_feats: cached image tower outputs for positions 0..N-1, or a list of

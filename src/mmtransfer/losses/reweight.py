@@ -38,7 +38,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------- outputs
 
 

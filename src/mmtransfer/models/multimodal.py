@@ -208,29 +208,6 @@ class MultimodalModel(nn.Module):
         """Cosine similarity of every image with every text: (N_images, N_texts)."""
         return self.encode_image(images) @ self.encode_text(texts).T
 
-    def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] | None = None,
-                             reference_images: Any = None, hub_k: int = 10, hub_weight: float = 0.25) -> nn.Module:
-        """A classifier over ``class_names`` built from text alone (prompt ensemble, shared space).
-
-        Returns an :class:`~mmtransfer.transfer.ImageClassifier` mapping pixel
-        tensors or PIL images to (B, C) logits; ``.predict(images)`` gives names.
-        With ``reference_images`` (PIL images or a pixel tensor, e.g. the caption
-        training images), class names that lie near many images are marked down by
-        ``hub_weight`` times their :func:`~mmtransfer.transfer.hub_penalty`.
-
-        Example:
-            >>> clf = model.zero_shot_classifier(["cat", "dog"], ["a photo of a {}."])
-            >>> clf.predict([image])
-            ['cat']
-        """
-        from ..transfer import zero_shot_classifier
-
-        reference = None
-        if reference_images is not None:
-            with torch.no_grad():
-                reference = torch.cat([self.encode_image(reference_images[i:i + 64]) for i in range(0, len(reference_images), 64)])
-        return zero_shot_classifier(self, class_names, templates, reference, hub_k, hub_weight)
-
     # -- fusion --------------------------------------------------------------------
 
     def fuse(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -194,3 +197,111 @@ def rerank_recall_at_k(
         if kk <= k:
             out[f"t2i_R@{kk}"] = 100.0 * float((t2i_rank < kk).float().mean())
     return out
+
+logger = logging.getLogger(__name__)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One PNG with a panel per logged metric (training loss first), against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in ("step", "time") and k not in keys and isinstance(r[k], (int, float))]
+    keys = sorted(keys, key=lambda k: (not k.startswith("train/loss"), not k.startswith("train/"), k))[:12]
+    if not keys:
+        return None
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_embeddings(panels: list[tuple[str, dict[str, Any]]], path: Path, method: str = "tsne", seed: int = 0) -> Path:
+    """Draw source and target features in 2-D, one column per panel: coloured by domain (top) and by class (bottom).
+
+    Args:
+        panels: (title, {"source": (N, D), "target": (M, D), "source_labels": (N,), "target_labels": (M,)}).
+        method: "tsne" or "pca" (scikit-learn).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    try:
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise ImportError("The embedding plot needs scikit-learn (pip install scikit-learn), or set plot.enabled=false.") from None
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 8.6), squeeze=False)
+    for col, (title, data) in enumerate(panels):
+        xs, xt = np.asarray(data["source"], dtype=np.float32), np.asarray(data["target"], dtype=np.float32)
+        x = np.concatenate([xs, xt])  # (N + M, D)
+        if method == "pca" or x.shape[0] < 8:
+            xy = PCA(n_components=2, random_state=seed).fit_transform(x)
+        else:
+            perplexity = float(min(30.0, (x.shape[0] - 1) / 3))
+            xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
+        n = xs.shape[0]
+        ax = axes[0, col]
+        ax.scatter(xy[:n, 0], xy[:n, 1], s=5, alpha=0.6, label="source", c="tab:blue")
+        ax.scatter(xy[n:, 0], xy[n:, 1], s=5, alpha=0.6, label="target", c="tab:red")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8, markerscale=3)
+        labels = np.concatenate([np.asarray(data["source_labels"]), np.asarray(data["target_labels"])])
+        ax = axes[1, col]
+        cmap = "tab10" if labels.max(initial=0) < 10 else "hsv"
+        ax.scatter(xy[:n, 0], xy[:n, 1], s=6, c=labels[:n], cmap=cmap, marker="o", alpha=0.6)
+        ax.scatter(xy[n:, 0], xy[n:, 1], s=8, c=labels[n:], cmap=cmap, marker="x", alpha=0.6)
+        ax.set_title("by class (o source, x target)", fontsize=9)
+        for a in axes[:, col]:
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.suptitle(f"source vs target features ({method.upper()})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sample_points(feats: dict[str, dict[str, torch.Tensor]], max_points: int, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+    for role in ("source", "target"):
+        f, y = feats[role]["features"], feats[role]["labels"]
+        keep = torch.randperm(f.shape[0], generator=g)[:max_points]
+        out[role], out[f"{role}_labels"] = f[keep].numpy(), y[keep].numpy()
+    return out
+
+
+def _save_points(points: dict[str, Any], path: Path) -> None:
+    import numpy as np
+
+    np.savez_compressed(path, **points)
+
+
+def _load_points(path: str | Path) -> dict[str, Any]:
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plot.before: '{path}' does not exist; point it at another run's embeddings_final.npz.")
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}

@@ -1,25 +1,23 @@
-"""Caption fine-tuning: the recipe behind ``scripts/finetune_captions.py``.
+"""Assembling caption runs from a config: the model with its freezing policy, data splits, feature caches and loaders.
 
-Builds the model, data, cached features (for frozen towers), the caption task
-and its retrieval evaluation, then hands them to the one training loop.
+Shared by the caption and multi-task recipes (and the multimodal side of domain
+adaptation), so that no recipe copies another's building steps.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
-from .config import ConfigError, ModelConfig, at_least, check_ranges
-from .data.config import DataConfig
-from .models.preprocess import AugmentConfig
-from .multitask import TasksConfig
-from .objectives import CaptionObjectiveConfig
-from .train import OptimConfig, TrainConfig
+from ..config import ConfigError, ModelConfig, at_least, check_ranges
+from ..data.config import DataConfig
+from ..models.preprocess import AugmentConfig
+from ..objectives.captions import CaptionObjectiveConfig
+from ..train import OptimConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +100,8 @@ class FinetuneConfig:
 
 def caption_templates(section: CaptionDataSection) -> tuple[str, ...] | None:
     """``data.caption_templates`` resolved ("default": the zero-shot templates) and checked."""
-    from .data.collate import check_templates
-    from .transfer import DEFAULT_TEMPLATES
+    from ..data.collate import check_templates
+    from ..transfer import DEFAULT_TEMPLATES
 
     value = section.caption_templates
     if value == "default":
@@ -116,7 +114,7 @@ def caption_templates(section: CaptionDataSection) -> tuple[str, ...] | None:
 
 def caption_texts(splits: dict[str, "_Split"], templates: Sequence[str] | None, train: str = "train") -> list[str]:
     """Every text the caption splits can feed the text tower: the training split's in each template's form."""
-    from .data.collate import templated
+    from ..data.collate import templated
 
     return [t for name, s in splits.items() for caps in s.captions for t in templated(caps, templates if name == train else None)]
 
@@ -168,8 +166,8 @@ class _Split:
 
 def load_split(name: str, section: DataConfig, reports: dict[str, Any]) -> _Split:
     """Load one data section with row ids 0..N-1 (and its captions, when it has them); its report goes into ``reports``."""
-    from . import data as mmdata
-    from .features import with_row_ids
+    from .. import data as mmdata
+    from ..features import with_row_ids
 
     loaded = mmdata.load_with_report(section)
     reports[name] = loaded.report
@@ -211,7 +209,7 @@ def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool, copy_s
     cache = data.cache_features and image_frozen and (not augment.enabled or copies > 0)
     folder = None
     if data.persist_features:
-        from .data.config import cache_root
+        from ..data.config import cache_root
 
         folder = Path(data.feature_cache_dir) if data.feature_cache_dir else cache_root(data.train) / "features"
     return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder, copy_sets if cache and copies else 1)
@@ -220,8 +218,8 @@ def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool, copy_s
 def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: AugmentConfig, seed: int,
                          batch_size: int, progress: bool, train: bool = False, keep_tokens: bool | None = None) -> None:
     """Fill ``split.image_feats`` (and, for a training split, its augmented copies) from the frozen image tower."""
-    from . import data as mmdata
-    from .features import image_features
+    from .. import data as mmdata
+    from ..features import image_features
 
     tokens = plan.keep_tokens if keep_tokens is None else keep_tokens
     ds = split.dataset
@@ -247,7 +245,7 @@ def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: 
 
 def cache_text_features(model: Any, texts: Any, plan: FeaturePlan, progress: bool, keep_tokens: bool | None = None) -> tuple[Any, dict[str, int]]:
     """Frozen text tower features of the distinct ``texts`` (sorted) and each text's row in them."""
-    from .features import text_features
+    from ..features import text_features
 
     unique = sorted(set(texts))
     rows = {c: i for i, c in enumerate(unique)}
@@ -258,7 +256,7 @@ def cache_text_features(model: Any, texts: Any, plan: FeaturePlan, progress: boo
 def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
                      train: bool, seed: int, templates: Sequence[str] | None = None) -> Any:
     """Positions (or ``(position, draw)`` pairs) of ``split`` -> caption batches from its cached image features."""
-    from .features import CachedCaptionCollator
+    from ..features import CachedCaptionCollator
 
     feats = [split.image_feats, *split.augmented_feats] if train else split.image_feats
     labels = split.dataset["label"] if "label" in split.dataset.column_names else None
@@ -271,7 +269,7 @@ def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: A
 def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
                       batch_size: int, seed: int) -> dict[str, Any]:
     """``<split>/images`` and ``<split>/captions`` loaders for :func:`~mmtransfer.objectives.evaluate_retrieval`."""
-    from . import data as mmdata
+    from .. import data as mmdata
 
     if plan.cache:
         positions = list(range(len(split.dataset)))
@@ -284,11 +282,15 @@ def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: 
     return {f"{split.name}/images": images, f"{split.name}/captions": captions}
 
 
-def build_model(cfg: FinetuneConfig) -> Any:
-    """Create (or load) the model and apply the freezing policy."""
-    import mmtransfer
+def build_model(cfg: Any) -> Any:
+    """Create (or load) the model and apply the freezing policy.
 
-    model = mmtransfer.load(cfg.init_from) if cfg.init_from else mmtransfer.create_model(cfg.model)
+    ``cfg`` is any section with ``init_from``, ``model`` and ``freeze`` (a :class:`FinetuneConfig`, or the
+    multimodal section of a domain-adaptation config).
+    """
+    from ..models.factory import create_model, load
+
+    model = load(cfg.init_from) if cfg.init_from else create_model(cfg.model)
     if cfg.init_from:
         cfg.model = model.config
     f = cfg.freeze
@@ -299,142 +301,85 @@ def build_model(cfg: FinetuneConfig) -> Any:
     return model
 
 
-EXAMPLE_IMAGE = "example.png"
+@dataclass
+class CaptionTaskSection:
+    """The caption objective (``objective``: contrastive + ITM) on ``data.train``."""
+
+    # Train on the captions of data.train.
+    enabled: bool = True
+    # This task's share of every step's images: train.batch_size is split over the
+    # enabled tasks in proportion to their shares.
+    share: float = 1.0
+    # Weight of this task's loss in the sum (uncertainty weighting multiplies it by exp(-s_k)).
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
 
 
-def save_example_image(datasets: Sequence[Any], run_dir: Path) -> str | None:
-    """Write the first readable image of ``datasets`` to ``run_dir/example.png``; its path, or None without one.
+@dataclass
+class LabelTaskSection:
+    """A classification head on the shared image embedding, trained with cross-entropy."""
 
-    The snippet a finished run prints opens it, so that the snippet runs as pasted.
-    """
-    from .data import DataError, open_image
+    # Train the head (and the image side under it) on labelled images.
+    enabled: bool = False
+    # This task's share of every step's images.
+    share: float = 1.0
+    # Weight of this task's loss in the sum.
+    weight: float = 1.0
+    # Labelled training images; the head has one output per class that occurs here.
+    train: DataConfig = field(default_factory=lambda: DataConfig(name="openmoji", split="train"))
+    # Labelled images evaluated every train.eval_every steps and at the end: by the head when
+    # the task trains, and by class names (nearest name embedding) in every multi-task run.
+    # None: no label evaluation.
+    validation: DataConfig | None = field(default_factory=lambda: DataConfig(name="openmoji", split="validation"))
+    # Labelled images evaluated once after training, like validation. None: skip.
+    test: DataConfig | None = field(default_factory=lambda: DataConfig(name="openmoji", split="test"))
+    # Head initialisation: "text" (the class names' embeddings times the temperature: the
+    # zero-shot classifier) or "random".
+    head_init: Literal["text", "random"] = "text"
 
-    for dataset in datasets:
-        if "image" not in dataset.column_names or len(dataset) == 0:
-            continue
-        try:
-            image = open_image(dataset[0]["image"])
-        except DataError:
-            continue
-        path = run_dir / EXAMPLE_IMAGE
-        image.save(path)
-        return str(path)
-    return None
-
-
-def example_image_code(summary: dict[str, Any]) -> tuple[str, str]:
-    """The quoted path a printed snippet opens, and a comment for its line: the run's example image,
-    or (a run without one) a placeholder marked as such."""
-    path = summary.get("example_image")
-    if path:
-        return repr(path), ""
-    return "'your_image.png'", "  # placeholder: put the path of one of your images here"
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
 
 
-def write_test_metrics(accelerator: Any, run_dir: Path, test_metrics: dict[str, float]) -> None:
-    """Add ``test_metrics`` to the run's summary.json (main process)."""
-    if accelerator.is_main_process:
-        path = run_dir / "summary.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data["test_metrics"] = test_metrics
-        path.write_text(json.dumps(data, indent=2))
+@dataclass
+class DomainTaskSection:
+    """A domain loss between the step's source images and unlabelled target images."""
+
+    # Train the domain loss on the shared image embedding: source = the images of the
+    # step's captions and labels batches, target = tasks.domain.target.
+    enabled: bool = False
+    # This task's share of every step's images (the target images).
+    share: float = 1.0
+    # Weight of this task's loss in the sum.
+    weight: float = 1.0
+    # Unlabelled target images (labels, if the set has any, are never read).
+    target: DataConfig = field(default_factory=lambda: DataConfig(name="noto-emoji", split="train"))
+    # The domain loss, with the keys of scripts/domain_adapt.py's `method` section: name
+    # (dann, mmd or coral), schedule, gamma, lambda_max, discriminator, mmd_bandwidths.
+    # Its weight is tasks.domain.weight.
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "dann"})
+
+    def __post_init__(self) -> None:
+        check_ranges(self, share=at_least(0), weight=at_least(0))
 
 
-def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
-    """Train and evaluate per ``cfg``; returns the summary (also written to the run folder).
+@dataclass
+class TasksConfig:
+    """The objectives of a multi-task run, how their losses add up, and what is evaluated."""
 
-    With a ``tasks`` section the run is multi-task (:func:`mmtransfer.multitask.run`).
-    """
-    from . import data as mmdata
-    from .objectives import CaptionObjective, CaptionTask, evaluate_retrieval
-    from .train import Trainer, fast_dev_slice, make_accelerator
-
-    if cfg.tasks is not None:
-        from .multitask import run as run_multitask
-
-        return run_multitask(cfg, fast_dev_run)
-    templates = caption_templates(cfg.data)
-    if fast_dev_run:
-        fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 64)
-        cfg.train.batch_size = min(cfg.train.batch_size, 16)
-    accelerator = make_accelerator(cfg.train)
-    model = build_model(cfg)
-    if accelerator.is_main_process:
-        logger.info("Model:\n%s", model.parameter_summary())
-
-    # Data: main process first, so built-in sets are rendered once and read by the others.
-    reports: dict[str, Any] = {}
-    splits: dict[str, _Split] = {}
-    with accelerator.main_process_first():
-        for name, section in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)):
-            if section is not None:
-                splits[name] = load_split(name, section, reports)
-
-    split_members = len(model.image_projection_modules) if cfg.objective.member_batches == "split" else 1
-    plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective), copy_sets=split_members)
-    bs = cfg.data.eval_batch_size
-    progress = accelerator.is_local_main_process
-    text_cache = None
-    text_rows: dict[str, int] = {}
-    train_split = splits["train"]
-    if cfg.objective.positives == "label" and "label" not in train_split.dataset.column_names:
-        raise ValueError(f"objective.positives=label needs class labels, but the training data ({cfg.data.train.name}) "
-                         "has no 'label' column; use objective.positives=caption.")
-
-    if plan.cache:
-        model.to(accelerator.device)
-        with accelerator.main_process_first():
-            for split in splits.values():
-                cache_image_features(model, split, plan, cfg.data.augment, cfg.train.seed, bs, progress, train=split is train_split)
-            if plan.text_frozen:
-                text_cache, text_rows = cache_text_features(model, caption_texts(splits, templates), plan, progress)
-        logger.info("Frozen towers: training on cached features (image%s%s%s).", " and text" if text_cache else "",
-                    f", {plan.copies} augmented cop{'y' if plan.copies == 1 else 'ies'} of the training images" if plan.copies else "",
-                    f" for each of the {plan.copy_sets} image projections" if plan.copy_sets > 1 else "")
-
-    if plan.cache:
-        train_loader = torch.utils.data.DataLoader(
-            list(range(len(train_split.dataset))), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-            collate_fn=caption_collator(model, train_split, plan, text_cache, text_rows, train=True, seed=cfg.train.seed,
-                                        templates=templates),
-        )
-    else:
-        collate = mmdata.CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=cfg.train.seed,
-                                                    templates=templates)
-        train_loader = mmdata.make_loader(train_split.dataset, collate, cfg.train.batch_size, shuffle=True,
-                                          seed=cfg.train.seed, num_workers=cfg.train.num_workers, drop_last=True)
-    if len(train_loader) == 0:
-        raise ValueError(f"The training split has {len(train_split.dataset)} images, fewer than one batch of {cfg.train.batch_size}: lower train.batch_size.")
-
-    loaders: dict[str, Any] = {}
-    for name in ("validation", "test"):
-        if name in splits:
-            loaders.update(retrieval_loaders(model, splits[name], plan, text_cache, text_rows, bs, cfg.train.seed))
-
-    task = CaptionTask(model, cfg.objective)
-
-    def evaluate(task: Any, acc: Any, prepared: dict[str, Any]) -> dict[str, float]:
-        if "validation/images" not in prepared:
-            return {}
-        out = task.evaluate_retrieval(acc, prepared["validation/images"], prepared["validation/captions"], cfg.data.rerank_k)
-        return {f"val/{k}": v for k, v in out.items()}
-
-    summary_extra = {"data": {k: r.to_dict() for k, r in reports.items()},
-                     "feature_cache": bool(plan.cache), "augmented_copies": len(train_split.augmented_feats)}
-    trainer = Trainer(task, train_loader, cfg.train, cfg.optim, evaluate=evaluate, eval_loaders=loaders,
-                      run_config=cfg, export=lambda t, d: t.model.save_pretrained(d), summary_extra=summary_extra,
-                      accelerator=accelerator)
-    result = trainer.fit()
-    test_metrics: dict[str, float] = {}
-    if "test/images" in trainer.eval_loaders:
-        task_ = accelerator.unwrap_model(trainer.task)
-        task_.eval()
-        with torch.no_grad():
-            test_metrics = evaluate_retrieval(task_.model, accelerator, trainer.eval_loaders["test/images"],
-                                              trainer.eval_loaders["test/captions"], cfg.data.rerank_k)
-    summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
-               "steps": result.step, "validation": result.metrics, "test": test_metrics}
-    write_test_metrics(accelerator, result.run_dir, test_metrics)
-    if accelerator.is_main_process:
-        summary["example_image"] = save_example_image([s.dataset for s in splits.values()], result.run_dir)
-    return summary
+    captions: CaptionTaskSection = field(default_factory=CaptionTaskSection)
+    labels: LabelTaskSection = field(default_factory=LabelTaskSection)
+    domain: DomainTaskSection = field(default_factory=DomainTaskSection)
+    # How task losses add up. "fixed": L = sum_k w_k L_k. "uncertainty": L = sum_k exp(-s_k) w_k L_k + s_k
+    # with a learnable log-variance s_k per task (Kendall, Gal & Cipolla 2018), saved with checkpoints.
+    weighting: Literal["fixed", "uncertainty"] = "fixed"
+    # Uncertainty weighting: every s_k at step 0 (0: every exp(-s_k) starts at 1).
+    init_log_var: float = 0.0
+    # Prompt templates with "{}" for a class name: the text-initialised head, the class-name
+    # metrics and zero-shot evaluation average the embeddings of the filled templates.
+    templates: list[str] = field(default_factory=lambda: ["{}"])
+    # Zero-shot evaluation: a labelled split classified by its own class names, every
+    # evaluation (e.g. openmoji unseen: 383 names never seen in training). None: skip.
+    zero_shot: DataConfig | None = None
