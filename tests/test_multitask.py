@@ -316,3 +316,18 @@ def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_pat
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["feature_cache"] is False and set(written["final_log_vars"]) == {"captions", "labels"}
     assert load_classifier(tmp_path / "run" / "model").class_names == sorted(colours)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tasks.domain.method.weight=2", "Unknown config key 'weight' in 'tasks.domain.method'"),
+    ("tasks.domain.method.discriminator.hidden=8", "Did you mean 'hidden_dim'?"),
+    ("tasks.domain.method.name=cdan", "'tasks.domain.method.name' must be one of ['dann', 'mmd', 'coral']"),
+])
+def test_domain_method_keys_are_typed(override, message):
+    """tasks.domain.method is a dataclass: a misspelt or inapplicable key fails as the config loads."""
+    from mmtransfer.assemble.captions import FinetuneConfig
+    from mmtransfer.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(FinetuneConfig, "configs/multitask_openmoji_noto_dann.yaml", [override])
+    assert message in str(err.value)

@@ -17,6 +17,7 @@ from ..config import ConfigError, ModelConfig, at_least, check_ranges
 from ..data.config import DataConfig
 from ..models.preprocess import AugmentConfig
 from ..objectives.captions import CaptionObjectiveConfig
+from ..objectives.domain import EmbeddingDomainLossConfig
 from ..train import OptimConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -356,10 +357,8 @@ class DomainTaskSection:
     weight: float = 1.0
     # Unlabelled target images (labels, if the set has any, are never read).
     target: DataConfig = field(default_factory=lambda: DataConfig(name="noto-emoji", split="train"))
-    # The domain loss, with the keys of scripts/domain_adapt.py's `method` section: name
-    # (dann, mmd or coral), schedule, gamma, lambda_max, discriminator, mmd_bandwidths.
-    # Its weight is tasks.domain.weight.
-    method: dict[str, Any] = field(default_factory=lambda: {"name": "dann"})
+    # The domain loss on the shared image embedding (its weight is tasks.domain.weight).
+    method: EmbeddingDomainLossConfig = field(default_factory=EmbeddingDomainLossConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self, share=at_least(0), weight=at_least(0))

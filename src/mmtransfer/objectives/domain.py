@@ -91,6 +91,36 @@ class MethodConfig:
                      mmd_bandwidths=above(0))
 
 
+@dataclass
+class EmbeddingDomainLossConfig:
+    """The domain loss of a multi-task run: on the shared image embedding, weighted by ``tasks.domain.weight``.
+
+    The keys of :class:`MethodConfig` that apply there; CDAN needs one classifier's
+    predictions, which a multi-task run does not have.
+    """
+
+    # "dann" (adversarial, with the discriminator below), "mmd" (multi-kernel MMD) or "coral".
+    name: Literal["dann", "mmd", "coral"] = "dann"
+    # Gradient-reversal strength as a function of progress p in [0, 1]: "dann" is
+    # lambda_max * (2 / (1 + exp(-gamma p)) - 1); "constant" is lambda_max.
+    schedule: Literal["dann", "constant"] = "dann"
+    # Steepness gamma of the "dann" schedule.
+    gamma: float = 10.0
+    # Final (or constant) gradient-reversal strength.
+    lambda_max: float = 1.0
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    # MMD: Gaussian bandwidths sigma^2 as multiples of the batch's mean squared distance.
+    mmd_bandwidths: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
+
+    def __post_init__(self) -> None:
+        check_ranges(self, gamma=at_least(0), lambda_max=at_least(0))
+
+    def method(self) -> MethodConfig:
+        """The same loss as a :class:`MethodConfig` (for :func:`build_domain_loss` and :func:`grl_lambda`)."""
+        return MethodConfig(name=self.name, schedule=self.schedule, gamma=self.gamma, lambda_max=self.lambda_max,
+                            discriminator=self.discriminator, mmd_bandwidths=list(self.mmd_bandwidths))
+
+
 def grl_lambda(method: MethodConfig, progress: float) -> float:
     """The gradient-reversal strength at training progress ``progress`` in [0, 1] (a pure function).
 

@@ -42,8 +42,8 @@ EVAL_LABEL_SPLITS = ("labels/validation", "labels/test", "zero_shot")
 
 
 
-def _check(cfg: Any) -> dict[str, Any] | None:
-    """Combinations that cannot work, each named in one sentence; returns the domain method mapping."""
+def _check(cfg: Any) -> Any:
+    """Combinations that cannot work, each named in one sentence; returns the domain loss's MethodConfig (None: no domain task)."""
     t = cfg.tasks
     if not (t.captions.enabled or t.labels.enabled):
         raise ConfigError("Enable tasks.captions or tasks.labels: a multi-task run needs at least one of them "
@@ -55,15 +55,7 @@ def _check(cfg: Any) -> dict[str, Any] | None:
         logger.warning("tasks.labels trains a head but neither tasks.labels.validation nor tasks.labels.test is set: it is never evaluated.")
     if not t.domain.enabled:
         return None
-    method = dict(t.domain.method)
-    for key in ("weight", "features"):
-        if key in method:
-            raise ConfigError(f"tasks.domain.method.{key} does not apply here: the domain loss acts on the shared image "
-                              "embedding with weight tasks.domain.weight; remove the key.")
-    if method.get("name", "dann") not in ("dann", "mmd", "coral"):
-        raise ConfigError(f"tasks.domain.method.name={method.get('name')!r}: the multi-task domain loss is dann, mmd or coral "
-                          "(CDAN conditions on class predictions of a single classifier).")
-    return method
+    return t.domain.method.method()
 
 
 def _fast_dev(cfg: Any) -> None:
@@ -152,7 +144,7 @@ def _label_head(cfg: Any, model: Any, classes: ClassSet, text_cache: Any, text_r
         return LinearHead((torch.rand(len(classes.names), model.config.embed_dim, generator=g) * 2 - 1) * bound)
 
 
-def _task(cfg: Any, model: Any, use_itm: bool, method: dict[str, Any] | None, classes: ClassSet | None, text_cache: Any,
+def _task(cfg: Any, model: Any, use_itm: bool, method: Any, classes: ClassSet | None, text_cache: Any,
           text_rows: dict[str, int]) -> MultiTask:
     """The objectives over the one model, and how their losses add up."""
     from ..objectives.captions import CaptionObjective
@@ -168,11 +160,9 @@ def _task(cfg: Any, model: Any, use_itm: bool, method: dict[str, Any] | None, cl
     labels = LabelObjective(_label_head(cfg, model, classes, text_cache, text_rows)) if t.labels.enabled else None
     domain = None
     if method is not None:
-        from ..config import from_dict
-        from ..objectives.domain import MethodConfig, build_domain_loss, grl_lambda
+        from ..objectives.domain import build_domain_loss, grl_lambda
 
-        mcfg = from_dict(MethodConfig, method, prefix="tasks.domain.method")
-        domain = DomainObjective(build_domain_loss(mcfg, model.config.embed_dim, 0, cfg.train.seed), lambda p: grl_lambda(mcfg, p))
+        domain = DomainObjective(build_domain_loss(method, model.config.embed_dim, 0, cfg.train.seed), lambda p: grl_lambda(method, p))
     enabled = [k for k in TASKS if getattr(t, k).enabled]
     fixed = {k: getattr(t, k).weight for k in enabled}
     weighting = UncertaintyWeighting(enabled, fixed, t.init_log_var) if t.weighting == "uncertainty" else FixedWeighting(fixed)
