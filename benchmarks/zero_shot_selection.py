@@ -106,7 +106,7 @@ def write_names() -> None:
         f"# Validation names for zero-shot model selection on OpenMoji: {len(held)} of the {len(seen)} *seen*\n"
         "# class names (about 20%, chosen by a stable hash of the name), held out of caption training\n"
         "# with data.*.exclude_classes and classified zero-shot with data.test.include_classes. Choosing\n"
-        "# recipes on these keeps the 383 unseen names for the final measurement only (README, \"Transfer\").\n"
+        "# recipes on these keeps the 383 unseen names for the final measurement only (docs/results/transfer.md).\n"
         "# Written by: python benchmarks/zero_shot_selection.py --write-names\n"
     )
     NAMES.write_text(header + "\n".join(held) + "\n", encoding="utf-8")

@@ -21,10 +21,10 @@ OUT = ROOT / "docs" / "config_reference.md"
 
 # (script, "module:ConfigClass") in the order the reference lists them.
 SCRIPTS = [
-    ("scripts/finetune_captions.py", "mmtransfer.finetune:FinetuneConfig"),
-    ("scripts/transfer_classify.py", "mmtransfer.classify:ClassifyConfig"),
-    ("scripts/domain_adapt.py", "mmtransfer.adapt:AdaptConfig"),
-    ("scripts/distill.py", "mmtransfer.distill:DistillConfig"),
+    ("scripts/finetune_captions.py", "mmtransfer.recipes.captions:FinetuneConfig"),
+    ("scripts/transfer_classify.py", "mmtransfer.recipes.classify:ClassifyConfig"),
+    ("scripts/domain_adapt.py", "mmtransfer.recipes.adapt:AdaptConfig"),
+    ("scripts/distill.py", "mmtransfer.recipes.distill:DistillConfig"),
 ]
 
 

@@ -4,7 +4,7 @@ For runs of one recipe that differ only in their seed, on frozen towers with the
 text side left as it is (configs/openmoji_transfer.yaml): the towers and text side
 are shared, and an image's embedding becomes the mean of every run's normalised
 embedding. On OpenMoji's unseen names, three seeds of the transfer recipe reach
-28.5% zero-shot top-1 this way, against 26.8% for one run (README, "Transfer"). The result is an
+28.5% zero-shot top-1 this way, against 26.8% for one run (docs/results/transfer.md). The result is an
 ordinary model folder: load it with mmtransfer.load, or pass it as model=... to
 scripts/transfer_classify.py.
 

@@ -4,7 +4,7 @@ Each script runs its own-data template (or default recipe) on small folders of
 real images with the real packaged encoders, for a few steps: once as one
 process with batch 2B, once as two processes with batch B each. Where the run
 has no randomness that depends on the process (no dropout, no augmentation, no
-batch norm in training mode, no ITM hard negatives: README, "Many processes"),
+batch norm in training mode, no ITM hard negatives: README, "Many GPUs, precision, resume"),
 the final weights must agree within float tolerance. The templates as shipped
 (dropout, ITM) must also run to the end under 2 processes and say so.
 """

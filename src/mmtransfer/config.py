@@ -141,7 +141,7 @@ class ImageEncoderConfig:
     # Pooled vector: "auto" uses the backbone's own head pooling (global average
     # for CNNs, the class token or mean for ViTs), "mean" averages the grid or
     # patch tokens, "max" takes their per-channel maximum (for emoji transfer
-    # it loses to the average: README, "Transfer"), "cls" takes the class
+    # it loses to the average: docs/results/transfer.md), "cls" takes the class
     # token (ViTs only).
     pooling: Literal["auto", "mean", "max", "cls"] = "auto"
     # Input resolution; None uses the one that belongs to the weights.
@@ -203,7 +203,7 @@ class ModelConfig:
     # so with cached tower features K members cost about K times the projection's steps
     # and nothing more. On held-out OpenMoji names 3 members add 2-2.6 points of zero-shot
     # top-5 and no top-1, also each on its own slice of the batch (objective.member_batches);
-    # separately trained runs merged by scripts/ensemble_models.py gain top-1 too (README, "Transfer").
+    # separately trained runs merged by scripts/ensemble_models.py gain top-1 too (docs/results/transfer.md).
     image_projection_members: int = 1
     # Initial softmax temperature of the contrastive logits (CLIP uses 0.07).
     init_temperature: float = 0.07

@@ -375,7 +375,7 @@ def ensemble_image_projections(models: Sequence[MultimodalModel]) -> MultimodalM
     embedding is then the mean of every member's normalised embedding (members of
     ensembles count one by one); the logit scale is the geometric mean of theirs.
     Separately trained members differ more than those trained together in one run
-    (``image_projection_members``), and their ensemble gains more (README, "Transfer").
+    (``image_projection_members``), and their ensemble gains more (docs/results/transfer.md).
 
     Example:
         >>> runs = [mmtransfer.load(f"runs/transfer_seed{s}/model") for s in range(3)]

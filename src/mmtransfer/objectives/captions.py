@@ -57,7 +57,7 @@ class CaptionObjectiveConfig:
     # the batch captions' cosine similarities in the text tower's own (frozen, unprojected)
     # space, at soft_target_temperature, so that images keep the text space's neighbourhoods
     # (for class names never seen in training; on OpenMoji's unseen-name validation it is
-    # within noise of plain targets, README "Transfer"). 0 disables.
+    # within noise of plain targets, docs/results/transfer.md). 0 disables.
     soft_targets: float = 0.0
     soft_target_temperature: float = 0.1
     # How the K image projections of an ensemble (model.image_projection_members) share a
@@ -67,7 +67,7 @@ class CaptionObjectiveConfig:
     # features, their own data.augmented_copies, as separately seeded runs do, in one
     # run. On held-out OpenMoji names 3 split members gain 2 points of zero-shot top-5
     # over one projection and no top-1; separate runs merged by scripts/ensemble_models.py
-    # gain top-1 too (README, "Transfer").
+    # gain top-1 too (docs/results/transfer.md).
     member_batches: Literal["shared", "split"] = "shared"
 
     def __post_init__(self) -> None:
