@@ -350,3 +350,15 @@ def test_split_member_batches_give_each_member_its_own_slice():
     few = {"pixel_values": batch["pixel_values"][:1], **model.tokenize(texts[:1])}
     with pytest.raises(ValueError, match="set train.batch_size to 2 times"):
         split(model, few, StepInfo(0, 10))
+
+
+def test_the_loop_never_changes_its_config(tmp_path):
+    """A fast dev run trains two steps on a copy of the settings; the caller's config stays as written."""
+    from mmtransfer.train import TrainConfig, loop_settings
+
+    result = _trainer(tmp_path, max_steps=6, save_every=3, fast_dev_run=True).fit()
+    assert result.step == 2 and not list_checkpoints(result.run_dir)
+    cfg = TrainConfig(max_steps=6, save_every=3, trackers=["tensorboard"], fast_dev_run=True)
+    run = loop_settings(cfg)
+    assert (run.max_steps, run.save_every, run.trackers) == (2, 0, [])
+    assert (cfg.max_steps, cfg.save_every, cfg.trackers) == (6, 3, ["tensorboard"])

@@ -12,6 +12,7 @@ checkpoint/resume; tasks own the mathematics.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -190,15 +191,6 @@ def _scalar(value: torch.Tensor | float) -> float:
 # ----------------------------------------------------------------------------- the loop
 
 
-def fast_dev_slice(config: TrainConfig, sections: Iterable[Any], rows: int) -> None:
-    """Turn a run into a fast dev run: two steps, one evaluation, at most ``rows`` rows per data section."""
-    config.fast_dev_run = True
-    for section in sections:
-        if section is not None:
-            section.max_samples = min(section.max_samples or rows, rows)
-            section.sample = "balanced"  # the first rows of a set sorted by class are one class: accuracies would mean nothing
-
-
 def _launched_processes() -> int:
     """The world size a launcher (torchrun, accelerate launch, mpirun) set in the environment; 1 without one."""
     for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
@@ -228,19 +220,29 @@ def check_launch() -> None:
         )
 
 
+def loop_settings(config: TrainConfig) -> TrainConfig:
+    """The settings the loop runs with; ``config`` itself is never changed.
+
+    A fast dev run is two steps with one evaluation at the end, no checkpoint
+    and no trackers.
+    """
+    if not config.fast_dev_run:
+        return config
+    return dataclasses.replace(config, max_steps=2, eval_every=0, save_every=0, trackers=[])
+
+
 def make_accelerator(config: TrainConfig) -> Any:
     """The Accelerator for a run: precision, accumulation, trackers and seeded data order."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-    if config.fast_dev_run:
-        config.max_steps, config.eval_every, config.save_every = 2, 0, 0
+    config = loop_settings(config)
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 or no.")
     check_launch()
     run_dir = Path(config.output_dir)
     prepare_run_folder(run_dir)
-    trackers = list(config.trackers) if not config.fast_dev_run else []
+    trackers = list(config.trackers)
     accelerator = Accelerator(
         # Under torchrun without a GPU, Accelerate would treat every process as a lone main process
         # (each logging, each writing the run folder) unless ACCELERATE_USE_CPU is set: say it here.
@@ -289,25 +291,21 @@ class Trainer:
     ) -> None:
         from accelerate.utils import set_seed
 
-        self.config = config
+        self.config = config = loop_settings(config)
         self.optim_config = optim
         self.run_dir = Path(config.output_dir)
         self.accelerator = accelerator or make_accelerator(config)
-        trackers = list(config.trackers) if not config.fast_dev_run else []
+        trackers = list(config.trackers)
         set_seed(config.seed, device_specific=False)
         self.state = _TrainState()
         optimizer = torch.optim.AdamW(
             parameter_groups(task, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
         )
         loaders = dict(eval_loaders or {})
-        from .data.collate import PairedLoader
-
-        if isinstance(train_loader, PairedLoader):
-            # Source and target loaders are sharded separately; the pairing stays a plain iterable.
-            if train_loader.target is None:  # labelled sources only
-                train_loader.source = self.accelerator.prepare(train_loader.source)
-            else:
-                train_loader.source, train_loader.target = self.accelerator.prepare(train_loader.source, train_loader.target)
+        prepare_parts = getattr(train_loader, "prepare_with", None)
+        if prepare_parts is not None:
+            # A loader made of several loaders (e.g. paired source and target batches) prepares its parts.
+            prepare_parts(self.accelerator)
             prepared = self.accelerator.prepare(task, optimizer, *loaders.values())
             self.task, self.optimizer = prepared[:2]
             self.train_loader = train_loader

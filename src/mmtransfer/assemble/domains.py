@@ -20,7 +20,7 @@ from ..losses.reweight import ImportanceWeights
 from ..models.classifier import ClassifierConfig, ImageClassifier
 from ..models.preprocess import AugmentConfig, ImagePreprocessor
 from ..objectives.domain import ClassifyAdaptTask, MethodConfig, MultimodalAdaptTask
-from ..train import OptimConfig, TrainConfig, fast_dev_slice
+from ..train import OptimConfig, TrainConfig
 from .captions import FreezeConfig
 from .domain_data import (
     CachedImages,
@@ -40,6 +40,7 @@ from .domain_data import (
     preprocess_all,
     zero_shot_candidates,
 )
+from .fast_dev import fast_dev_slice
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +434,6 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
 
     info = {"zero_shot_classes": len(class_names), "feature_cache": bool(cache), "sources": sources.names}
     return _Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
-
 
 
 def _frozen_text(model: Any, captions: list[list[str]], candidate_names: list[str], keep_tokens: bool, feature_dir: Path | None,

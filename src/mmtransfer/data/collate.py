@@ -347,6 +347,13 @@ class PairedLoader:
         ns, nt = _length(self.source, "source"), _length(self.target, "target")
         return {"max": max(ns, nt), "min": min(ns, nt), "source": ns, "target": nt}[self.steps]
 
+    def prepare_with(self, accelerator: Any) -> None:
+        """Let ``accelerator`` shard the source and target loaders each on its own (the training loop calls this)."""
+        if self.target is None:  # labelled sources only
+            self.source = accelerator.prepare(self.source)
+        else:
+            self.source, self.target = accelerator.prepare(self.source, self.target)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

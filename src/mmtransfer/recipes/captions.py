@@ -35,8 +35,9 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
 
     A config with a ``tasks`` section is a multi-task run: :func:`mmtransfer.recipes.multitask.run`.
     """
+    from ..assemble.fast_dev import fast_dev_slice
     from ..objectives.captions import CaptionObjective, CaptionTask, evaluate_retrieval
-    from ..train import Trainer, fast_dev_slice, make_accelerator
+    from ..train import Trainer, make_accelerator
 
     if cfg.tasks is not None:
         raise ConfigError("A config with a tasks section is a multi-task run: call mmtransfer.recipes.multitask.run "
@@ -105,7 +106,6 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     if accelerator.is_main_process:
         summary["example_image"] = save_example_image([s.dataset for s in splits.values()], result.run_dir)
     return summary
-
 
 
 def _cache_features(model: Any, splits: dict[str, _Split], plan: Any, cfg: FinetuneConfig, templates: Sequence[str] | None,

@@ -286,10 +286,9 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     return results
 
 
-
 def _check_and_prepare(cfg: ClassifyConfig, fast_dev_run: bool) -> Path:
     """Refuse settings that cannot run, shrink a fast dev run, make the run folder; returns it."""
-    from ..train import fast_dev_slice
+    from ..assemble.fast_dev import fast_dev_slice
 
     if fast_dev_run:
         fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 96)
@@ -321,7 +320,6 @@ def _few_shot_draws(train_ds: Any, cfg: ClassifyConfig) -> tuple[Any, dict[tuple
         train_ds = train_ds.select(used)
         logger.info("few-shot: %d training images cover every draw of k in %s over %d seeds", len(used), cfg.data.shots, len(cfg.method.seeds))
     return train_ds, draws
-
 
 
 def _candidates(names: list[str], test_y: torch.Tensor, classes: str) -> tuple[list[str], torch.Tensor]:

@@ -41,7 +41,6 @@ TRAINING_SPLITS = ("train", "labels/train", "domain/target")
 EVAL_LABEL_SPLITS = ("labels/validation", "labels/test", "zero_shot")
 
 
-
 def _check(cfg: Any) -> Any:
     """Combinations that cannot work, each named in one sentence; returns the domain loss's MethodConfig (None: no domain task)."""
     t = cfg.tasks
@@ -59,7 +58,7 @@ def _check(cfg: Any) -> Any:
 
 
 def _fast_dev(cfg: Any) -> None:
-    from ..train import fast_dev_slice
+    from ..assemble.fast_dev import fast_dev_slice
 
     t = cfg.tasks
     fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test, t.labels.train, t.labels.validation,
