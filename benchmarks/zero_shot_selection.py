@@ -46,7 +46,6 @@ HELD_OUT_PERCENT = 20
 VARIANTS = {
     "recipe": [],
     "no_templates": ["data.caption_templates=null"],
-    "maxpool": ["model.image.pooling=max"],
     "size288": ["model.image.image_size=288"],
     "lite2": ["model.image.name=efficientnet-lite2", "model.image.image_size=260"],
     "steps4000": ["train.max_steps=4000"],

@@ -158,25 +158,23 @@ def test_collator_carries_labels_when_given(tiny_model):
     assert "labels" not in CachedCaptionCollator(feats, [["x"]] * 6, tokenizer=tiny_model.tokenizer)([1])
 
 
-def test_image_feature_cache_keeps_poolings_apart(tmp_path):
-    # Pooling has no weights: the cache key must still tell a mean- from a max-pooled tower.
+def test_image_feature_cache_keeps_poolings_apart(tmp_path, tiny_model):
+    # Pooling has no weights: the cache key must still tell a class-token- from a mean-pooled tower.
     import dataclasses
 
-    from mmtransfer.config import ImageEncoderConfig
     from mmtransfer.features import image_features
     from mmtransfer.models.image import ImageEncoder
 
-    config = ImageEncoderConfig(name="resnet10t", pretrained=False, image_size=32, pooling="mean")
-    torch.manual_seed(0)
-    mean_tower = ImageEncoder.from_config(config).eval()
-    max_tower = ImageEncoder(dataclasses.replace(config, pooling="max"), mean_tower.backbone, mean_tower.preprocessor.config).eval()
-    loader = [{"pixel_values": torch.randn(3, 3, 64, 64), "image_index": torch.arange(3)}]  # a 2x2 grid
+    tower = tiny_model.image_encoder
+    cls_tower = ImageEncoder(dataclasses.replace(tower.config, pooling="cls"), tower.backbone, tower.preprocessor.config).eval()
+    mean_tower = ImageEncoder(dataclasses.replace(tower.config, pooling="mean"), tower.backbone, tower.preprocessor.config).eval()
+    loader = [{"pixel_values": torch.randn(3, 3, 32, 32), "image_index": torch.arange(3)}]
     kwargs = dict(num_items=3, keep_tokens=False, cache_dir=tmp_path, data_key="d", progress=False)
+    cls_feats = image_features(cls_tower, loader, **kwargs).pooled
     mean_feats = image_features(mean_tower, loader, **kwargs).pooled
-    max_feats = image_features(max_tower, loader, **kwargs).pooled
     assert len(list(tmp_path.glob("image-*.safetensors"))) == 2
-    assert not torch.allclose(mean_feats, max_feats)
-    torch.testing.assert_close(image_features(max_tower, loader, **kwargs).pooled, max_feats)
+    assert not torch.allclose(cls_feats, mean_feats)
+    torch.testing.assert_close(image_features(mean_tower, loader, **kwargs).pooled, mean_feats)
 
 
 def test_text_feature_cache_keeps_poolings_apart(tmp_path, tiny_model):

@@ -140,10 +140,8 @@ class ImageEncoderConfig:
     pretrained: bool = True
     # Pooled vector: "auto" uses the backbone's own head pooling (global average
     # for CNNs, the class token or mean for ViTs), "mean" averages the grid or
-    # patch tokens, "max" takes their per-channel maximum (for emoji transfer
-    # it loses to the average: docs/results/transfer.md), "cls" takes the class
-    # token (ViTs only).
-    pooling: Literal["auto", "mean", "max", "cls"] = "auto"
+    # patch tokens, "cls" takes the class token (ViTs only).
+    pooling: Literal["auto", "mean", "cls"] = "auto"
     # Input resolution; None uses the one that belongs to the weights.
     image_size: int | None = None
     # Extra keyword arguments for ``timm.create_model`` (e.g. img_size, depth).

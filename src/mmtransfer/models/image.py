@@ -218,8 +218,6 @@ class ImageEncoder(nn.Module):
             pooled = tokens[:, 0]  # (B, D)
         elif self.config.pooling == "mean":
             pooled = tokens[:, self.num_prefix_tokens:].mean(1)  # (B, D)
-        elif self.config.pooling == "max":
-            pooled = tokens[:, self.num_prefix_tokens:].amax(1)  # (B, D)
         else:
             pooled = self.backbone.forward_head(feats, pre_logits=True)  # (B, D)
         return ImageEncoderOutput(tokens=tokens, pooled=pooled)
