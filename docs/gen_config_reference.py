@@ -21,7 +21,8 @@ OUT = ROOT / "docs" / "config_reference.md"
 
 # (script, "module:ConfigClass") in the order the reference lists them.
 SCRIPTS = [
-    ("scripts/finetune_captions.py", "mmtransfer.recipes.captions:FinetuneConfig"),
+    # The caption keys plus the tasks section of multi-task runs, as the script's --help lists them.
+    ("scripts/finetune_captions.py", "mmtransfer.recipes.multitask:MultitaskConfig"),
     ("scripts/transfer_classify.py", "mmtransfer.recipes.classify:ClassifyConfig"),
     ("scripts/domain_adapt.py", "mmtransfer.recipes.adapt:AdaptConfig"),
     ("scripts/distill.py", "mmtransfer.recipes.distill:DistillConfig"),

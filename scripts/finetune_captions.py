@@ -24,12 +24,13 @@ from __future__ import annotations
 from mmtransfer.cli import parse_args, run_main, setup_logging
 from mmtransfer.recipes import captions, multitask
 from mmtransfer.recipes.captions import FinetuneConfig
+from mmtransfer.recipes.multitask import MultitaskConfig
 
 
 def main() -> None:
-    config, args = parse_args(FinetuneConfig, __doc__)
+    config, args = parse_args(FinetuneConfig, __doc__, extended=("tasks", MultitaskConfig))
     setup_logging()
-    if config.tasks is not None:  # a multi-task run: the same config with a tasks section
+    if isinstance(config, MultitaskConfig):  # a recipe with a tasks section
         summary = run_main(multitask.run, config, args.fast_dev_run)
         if summary is not None:
             print(multitask.format_report(summary))

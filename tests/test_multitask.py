@@ -288,7 +288,7 @@ def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_pat
 
     from mmtransfer.config import load_config
     from mmtransfer.recipes.multitask import run
-    from mmtransfer.assemble.captions import FinetuneConfig
+    from mmtransfer.assemble.captions import MultitaskConfig
 
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
     rows = []
@@ -300,7 +300,7 @@ def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_pat
     write_jsonl(tmp_path / "captions" / "metadata.jsonl", rows)
     tiny_model.save_pretrained(tmp_path / "tiny")
     caps, labs = str(tmp_path / "captions"), str(tmp_path / "labels")
-    cfg = load_config(FinetuneConfig, None, [
+    cfg = load_config(MultitaskConfig, None, [
         f"init_from={tmp_path / 'tiny'}", "freeze.text=true", "freeze.image=false", "objective.itm_weight=0",
         f"data.train.name={caps}", f"data.validation.name={caps}", "data.test=null",
         "tasks.captions.share=2", "tasks.labels.enabled=true", f"tasks.labels.train.name={labs}",
@@ -325,9 +325,9 @@ def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_pat
 ])
 def test_domain_method_keys_are_typed(override, message):
     """tasks.domain.method is a dataclass: a misspelt or inapplicable key fails as the config loads."""
-    from mmtransfer.assemble.captions import FinetuneConfig
+    from mmtransfer.assemble.captions import MultitaskConfig
     from mmtransfer.config import load_config
 
     with pytest.raises(ConfigError) as err:
-        load_config(FinetuneConfig, "configs/multitask_openmoji_noto_dann.yaml", [override])
+        load_config(MultitaskConfig, "configs/multitask_openmoji_noto_dann.yaml", [override])
     assert message in str(err.value)

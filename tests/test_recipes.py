@@ -10,7 +10,7 @@ from mmtransfer.assemble.domains import AdaptConfig
 from mmtransfer.recipes.classify import ClassifyConfig
 from mmtransfer.config import ConfigError, load_config
 from mmtransfer.recipes.distill import DistillConfig
-from mmtransfer.assemble.captions import FinetuneConfig
+from mmtransfer.assemble.captions import FinetuneConfig, MultitaskConfig
 
 try:
     from data_helpers import load_repo_module
@@ -22,15 +22,19 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_recipe_loads_into_one_script_config(path):
+    from mmtransfer.config import load_yaml
+
     fits = []
-    for cls in (FinetuneConfig, ClassifyConfig, AdaptConfig, DistillConfig):
+    for cls in (FinetuneConfig, MultitaskConfig, ClassifyConfig, AdaptConfig, DistillConfig):
         try:
             cfg = load_config(cls, path)
         except ConfigError:
             continue
-        # A distillation recipe is an adaptation recipe plus a teacher: only those name one.
-        if cls is not DistillConfig or cfg.teacher is not None:
-            fits.append(cls.__name__)
+        # A distillation recipe is an adaptation recipe plus a teacher, a multi-task recipe a caption
+        # recipe plus tasks: only those name one.
+        if cls is DistillConfig and cfg.teacher is None or cls is MultitaskConfig and "tasks" not in load_yaml(path):
+            continue
+        fits.append(cls.__name__)
     assert len(fits) == 1, f"{path.name} fits {fits or 'no script config'}"
 
 

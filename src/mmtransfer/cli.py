@@ -74,15 +74,20 @@ def describe_config(cls: type, prefix: str = "", defaults: Any = None) -> list[s
     return lines
 
 
-def parse_args(cls: type[T], description: str, argv: list[str] | None = None) -> tuple[T, argparse.Namespace]:
+def parse_args(cls: type[T], description: str, argv: list[str] | None = None,
+               extended: tuple[str, type] | None = None) -> tuple[T, argparse.Namespace]:
     """Parse ``--config``, dotted overrides and ``--fast-dev-run`` into the dataclass ``cls``.
 
+    ``extended=(section, subclass)``: a recipe with that top-level section (or an override
+    of a key in it) is parsed into ``subclass`` instead (e.g. a caption run with ``tasks``
+    is a multi-task run), and ``--help`` lists the subclass's keys.
     Config errors print one clear line and exit with status 2, like argparse.
     """
+    shown = extended[1] if extended else cls
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Config keys (override any with key=value):\n" + "\n".join(describe_config(cls)),
+        epilog="Config keys (override any with key=value):\n" + "\n".join(describe_config(shown)),
     )
     parser.add_argument("--config", help="YAML recipe whose keys map onto the config below (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=100 optim.lr=1e-4")
@@ -92,6 +97,8 @@ def parse_args(cls: type[T], description: str, argv: list[str] | None = None) ->
     # Overrides may sit before, between or after the flags (`k=v --fast-dev-run k2=v2`): plain
     # parse_args gives the positional list one contiguous run and rejects the rest.
     args = parser.parse_intermixed_args(argv)
+    if extended is not None and _sets_section(extended[0], args.config, args.overrides):
+        cls = extended[1]
     try:
         config = load_config(cls, args.config, args.overrides)
     except ConfigError as err:
@@ -102,6 +109,18 @@ def parse_args(cls: type[T], description: str, argv: list[str] | None = None) ->
         print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         sys.exit(0)
     return config, args
+
+
+def _sets_section(section: str, path: str | None, overrides: list[str]) -> bool:
+    """Whether the recipe at ``path`` has a top-level ``section``, or an override sets a key in it."""
+    from .config import ConfigError, load_yaml
+
+    if any(o.split("=", 1)[0].strip().split(".")[0] == section for o in overrides):
+        return True
+    try:
+        return path is not None and section in load_yaml(path)
+    except ConfigError:  # parse_args reports a bad recipe file itself
+        return False
 
 
 def run_main(fn: Any, *args: Any) -> Any:

@@ -92,9 +92,6 @@ class FinetuneConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     data: CaptionDataSection = field(default_factory=CaptionDataSection)
     objective: CaptionObjectiveConfig = field(default_factory=CaptionObjectiveConfig)
-    # Multi-task training: captions, labels and a domain loss in one run, each with its share of
-    # every step's images and its loss weight (see docs/multitask.md). None: captions only.
-    tasks: TasksConfig | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/finetune_captions"))
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -382,3 +379,12 @@ class TasksConfig:
     # Zero-shot evaluation: a labelled split classified by its own class names, every
     # evaluation (e.g. openmoji unseen: 383 names never seen in training). None: skip.
     zero_shot: DataConfig | None = None
+
+
+@dataclass
+class MultitaskConfig(FinetuneConfig):
+    """A caption run with a ``tasks`` section: captions, labels and a domain loss over one model."""
+
+    # Multi-task training: captions, labels and a domain loss in one run, each with its share of
+    # every step's images and its loss weight (see docs/multitask.md).
+    tasks: TasksConfig = field(default_factory=TasksConfig)

@@ -24,7 +24,6 @@ from ..assemble.captions import (
     load_split,
     retrieval_loaders,
 )
-from ..config import ConfigError
 from ..run_folder import example_image_code, save_example_image
 
 logger = logging.getLogger(__name__)
@@ -33,15 +32,12 @@ logger = logging.getLogger(__name__)
 def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     """Train and evaluate per ``cfg``; returns the summary (also written to the run folder).
 
-    A config with a ``tasks`` section is a multi-task run: :func:`mmtransfer.recipes.multitask.run`.
+    A config with a ``tasks`` section is a multi-task run (:class:`MultitaskConfig`, :mod:`mmtransfer.recipes.multitask`).
     """
     from ..assemble.fast_dev import fast_dev_slice
     from ..objectives.captions import CaptionObjective, CaptionTask, evaluate_retrieval
     from ..train import Trainer, make_accelerator
 
-    if cfg.tasks is not None:
-        raise ConfigError("A config with a tasks section is a multi-task run: call mmtransfer.recipes.multitask.run "
-                          "(scripts/finetune_captions.py does).")
     templates = caption_templates(cfg.data)
     if fast_dev_run:
         fast_dev_slice(cfg.train, (cfg.data.train, cfg.data.validation, cfg.data.test), 64)

@@ -34,6 +34,8 @@ from ..objectives.multitask import TASKS, DomainObjective, LabelObjective, Multi
 from ..objectives.weighting import FixedWeighting, UncertaintyWeighting
 from ..transfer import ClassSet, _labels, classify_split, name_embeddings, save_label_head
 
+from ..assemble.captions import MultitaskConfig
+
 logger = logging.getLogger(__name__)
 
 CAPTION_SPLITS = ("train", "validation", "test")
@@ -253,8 +255,8 @@ class _Evaluation:
         return {f"val/{k}": v for k, v in self.split(task, acc, prepared, "validation").items()}
 
 
-def run(cfg: Any, fast_dev_run: bool = False) -> dict[str, Any]:
-    """Train and evaluate a multi-task run per ``cfg`` (a :class:`~mmtransfer.recipes.captions.FinetuneConfig` with ``tasks``).
+def run(cfg: MultitaskConfig, fast_dev_run: bool = False) -> dict[str, Any]:
+    """Train and evaluate a multi-task run per ``cfg``.
 
     Returns the summary (also in the run folder's summary.json): validation and
     test metrics per task, keyed ``captions/...``, ``labels/...``, ``zero_shot/...``.
