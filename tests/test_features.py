@@ -59,23 +59,6 @@ def test_collator_draws_each_item_from_one_copy_in_training_and_the_plain_one_in
     assert evaluation([0, 1, 2])["image_pooled"].eq(0).all()
 
 
-def test_collator_draws_each_members_slice_from_its_own_set_of_copies(tiny_model):
-    # Plain copy 0, then two sets of two augmented copies: 1-2 for member 0, 3-4 for member 1.
-    copies = _copies(k=5)
-    collate = CachedCaptionCollator(copies, [["x"]] * 6, tokenizer=tiny_model.tokenizer, train=True, seed=0, copy_sets=2)
-    seen: list[set[float]] = [set(), set()]
-    for _ in range(30):
-        pooled = collate([0, 1, 2, 3, 4])["image_pooled"][:, 0]  # rows 0-2: member 0, rows 3-4: member 1
-        seen[0] |= set(pooled[:3].tolist())
-        seen[1] |= set(pooled[3:].tolist())
-    assert seen == [{0.0, 1.0, 2.0}, {0.0, 3.0, 4.0}]
-    # Sampler draws: the copy is draw % 3 within the row's own set.
-    batch = collate([(0, 1), (1, 2), (2, 0), (3, 1), (4, 2)])
-    assert batch["image_pooled"][:, 0].tolist() == [1.0, 2.0, 0.0, 3.0, 4.0]
-    with pytest.raises(ValueError, match="do not split into 3 equal sets"):
-        CachedCaptionCollator(copies, [["x"]] * 6, tokenizer=tiny_model.tokenizer, train=True, copy_sets=3)
-
-
 def test_collator_with_one_copy_is_unchanged(tiny_model):
     feats = _copies(k=1)[0]
     batch = CachedCaptionCollator(feats, [["x"]] * 6, tokenizer=tiny_model.tokenizer, train=True)([1, 2])
@@ -114,14 +97,12 @@ def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
     assert written["feature_cache"] is True and written["augmented_copies"] == 2
     # The plain training features plus two augmented copies, on disk.
     assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 3
-    # Three image projections on their own slices of the batch: two copies each, the first
-    # set being the copies above (the same seeds).
+    # Three image projections trained together share the copies above (the same seeds).
     cfg.model = dataclasses.replace(get_preset("tiny-random"), image_projection="mlp", image_projection_members=3)
-    cfg.objective.member_batches = "split"
     cfg.train.output_dir = str(tmp_path / "members")
     finetune.run(cfg)
-    assert json.loads((tmp_path / "members" / "summary.json").read_text())["augmented_copies"] == 6
-    assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 7
+    assert json.loads((tmp_path / "members" / "summary.json").read_text())["augmented_copies"] == 2
+    assert len(list((tmp_path / "features").glob("image-*.safetensors"))) == 3
 
 
 @pytest.mark.parametrize("frozen_image", [True, False])

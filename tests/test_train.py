@@ -271,28 +271,6 @@ def test_label_positives_group_images_of_a_class_captioned_differently(tiny_mode
     assert CaptionObjective(CaptionObjectiveConfig(), use_itm=False).positive_groups(templated).tolist() == [3, 3, 4, 3]
 
 
-def test_soft_targets_mix_the_text_neighbourhood_into_the_targets():
-    from mmtransfer.objectives.captions import CaptionObjective
-
-    torch.manual_seed(0)
-    images, texts = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
-    text_pooled = torch.randn(4, 16)
-    objective = CaptionObjective(CaptionObjectiveConfig(soft_targets=0.3, soft_target_temperature=0.1), use_itm=False)
-    soft = objective.soft_targets(text_pooled)
-    t = F.normalize(text_pooled, dim=-1)
-    torch.testing.assert_close(soft, torch.softmax(t @ t.T / 0.1, dim=-1))
-    assert torch.equal(soft.argmax(1), torch.arange(4))  # each caption is its own nearest
-    out = ContrastiveLoss()(images, texts, torch.tensor(5.0), soft_targets=soft, soft_weight=0.3)
-    target = 0.7 * torch.eye(4) + 0.3 * soft
-    logits = 5.0 * images @ texts.T
-    expected = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
-    torch.testing.assert_close(out.loss, expected)
-    plain = ContrastiveLoss()(images, texts, torch.tensor(5.0))
-    torch.testing.assert_close(ContrastiveLoss()(images, texts, torch.tensor(5.0), soft_targets=soft, soft_weight=0.0).loss, plain.loss)
-    with pytest.raises(ValueError, match="soft_targets must be between 0 and 1"):
-        CaptionObjective(CaptionObjectiveConfig(soft_targets=1.5), use_itm=False)
-
-
 def test_each_image_projection_member_trains_on_its_own_loss():
     import dataclasses
 
@@ -315,41 +293,6 @@ def test_each_image_projection_member_trains_on_its_own_loss():
     torch.testing.assert_close(out.loss.detach(), torch.stack(per_member).mean())
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_projection.parameters())
-
-
-def test_split_member_batches_give_each_member_its_own_slice():
-    import dataclasses
-
-    import mmtransfer
-    from mmtransfer.objectives.captions import CaptionObjective
-    from mmtransfer.registry import get_preset
-    from mmtransfer.objectives.base import StepInfo
-
-    torch.manual_seed(0)
-    model = mmtransfer.create_model(dataclasses.replace(get_preset("tiny-random"), image_projection="mlp", image_projection_members=2)).eval()
-    texts = ["a red apple", "a blue car", "a green tree", "a yellow sun", "a grey cat", "a pink pig"]
-    batch = {"pixel_values": torch.randn(6, 3, 32, 32), **model.tokenize(texts)}
-    split = CaptionObjective(CaptionObjectiveConfig(member_batches="split"), use_itm=False)
-    out = split(model, batch, StepInfo(0, 10))
-    with torch.no_grad():
-        img = model.image_encoder(batch["pixel_values"]).pooled
-        zt = model.project_text(model.text_features(batch).pooled)
-        scale = model.get_logit_scale()
-        first, second = (torch.nn.functional.normalize(p(img), dim=-1) for p in model.image_projection_modules)
-        expected = (ContrastiveLoss()(first[:3], zt[:3], scale).loss + ContrastiveLoss()(second[3:], zt[3:], scale).loss) / 2
-    torch.testing.assert_close(out.loss.detach(), expected)
-    # Member 0 never sees rows 3-5: changing them leaves its gradient as it was.
-    out.loss.backward()
-    grad = [p.grad.clone() for p in model.image_projection_modules[0].parameters()]
-    model.zero_grad()
-    moved = {**batch, "pixel_values": torch.cat([batch["pixel_values"][:3], torch.randn(3, 3, 32, 32)])}
-    split(model, moved, StepInfo(0, 10)).loss.backward()
-    for before, p in zip(grad, model.image_projection_modules[0].parameters()):
-        torch.testing.assert_close(p.grad, before)
-    assert all(p.grad.abs().sum() > 0 for p in model.image_projection_modules[1].parameters())
-    few = {"pixel_values": batch["pixel_values"][:1], **model.tokenize(texts[:1])}
-    with pytest.raises(ValueError, match="set train.batch_size to 2 times"):
-        split(model, few, StepInfo(0, 10))
 
 
 def test_the_loop_never_changes_its_config(tmp_path):

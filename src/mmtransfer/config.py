@@ -200,8 +200,8 @@ class ModelConfig:
     # objective trains each on its own contrastive loss. The members share the image tower,
     # so with cached tower features K members cost about K times the projection's steps
     # and nothing more. On held-out OpenMoji names 3 members add 2-2.6 points of zero-shot
-    # top-5 and no top-1, also each on its own slice of the batch (objective.member_batches);
-    # separately trained runs merged by scripts/ensemble_models.py gain top-1 too (docs/results/transfer.md).
+    # top-5 and no top-1; separately trained runs merged by scripts/ensemble_models.py (which
+    # writes a model with one member per run) gain top-1 too (docs/results/transfer.md).
     image_projection_members: int = 1
     # Initial softmax temperature of the contrastive logits (CLIP uses 0.07).
     init_temperature: float = 0.07

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .data.collate import caption_form, caption_group, check_templates, member_slices
+from .data.collate import caption_form, caption_group, check_templates
 
 logger = logging.getLogger(__name__)
 
@@ -205,17 +205,12 @@ class CachedCaptionCollator:
     random with a seeded generator in training, the first in evaluation). With
     several cached copies of the image features (the plain one first, then
     augmented ones), training draws one copy per item the same way and
-    evaluation reads the plain one. With ``copy_sets`` K > 1 the augmented copies
-    are K sets of equal size, one per image projection member that trains on its
-    own slice of the batch (``objective.member_batches: split``): the rows of slice
-    k (:func:`~mmtransfer.data.collate.member_slices`) draw from the plain copy and
-    set k only, so each member sees its own augmentations, as a separate run would. Text
+    evaluation reads the plain one. Text
     comes from cached text features when the text tower is frozen too, or is
     tokenised for the trainable text tower otherwise.
 
     Items may also be ``(position, draw)`` pairs, where ``draw`` is a random
     integer chosen by the sampler: in training, the copy is ``draw % copies``
-    (copies a row can draw from: all of them, or the plain one and its set)
     and the caption ``(draw // copies) % forms`` (forms: its captions, times the
     templates when there are any), so a batch is a pure function
     of its items and a resumed run draws exactly what an uninterrupted one does
@@ -232,7 +227,6 @@ class CachedCaptionCollator:
         labels: per image, its class label (added to batches as ``labels``), or None.
         templates: prompt templates; in training each caption is drawn in one of
             their forms (cached text must hold every form: :func:`~mmtransfer.data.collate.templated`).
-        copy_sets: how many members' sets the augmented copies split into (1: one set, every row draws from all).
 
     Shapes:
         -> image_pooled (B, Di), image_tokens (B, P, Di), input_ids and attention_mask (B, T),
@@ -252,18 +246,13 @@ class CachedCaptionCollator:
         seed: int = 0,
         labels: Sequence[int] | None = None,
         templates: Sequence[str] | None = None,
-        copy_sets: int = 1,
     ) -> None:
         if text_feats is None and tokenizer is None:
             raise ValueError("Give either cached text features or a tokenizer.")
         self.copies = [image_feats] if isinstance(image_feats, CachedFeatures) else list(image_feats)
         if not self.copies:
             raise ValueError("Give at least one copy of the cached image features.")
-        augmented = len(self.copies) - 1
-        if copy_sets < 1 or augmented % copy_sets:
-            raise ValueError(f"{augmented} augmented copies do not split into {copy_sets} equal sets.")
-        self.copy_sets = copy_sets
-        self.choices = 1 + augmented // copy_sets  # copies one row draws from: the plain one and its set
+        self.choices = len(self.copies)  # copies one row draws from: the plain one and every augmented one
         self.image_feats = self.copies[0]
         self.captions = captions
         self.text_feats = text_feats
@@ -296,9 +285,6 @@ class CachedCaptionCollator:
             return out
         n = self.choices
         picks = [d % n for d in draws] if draws is not None else [self.rng.randrange(n) for _ in range(len(idx))]
-        if self.copy_sets > 1:  # pick j > 0 of a row in slice k is augmented copy j of set k
-            for k, rows in enumerate(member_slices(len(idx), self.copy_sets)):
-                picks[rows] = [p and p + k * (n - 1) for p in picks[rows]]
         which = torch.as_tensor(picks)  # (B,)
         first = self.image_feats
         pooled = torch.empty(len(idx), *first.pooled.shape[1:], dtype=first.pooled.dtype)

@@ -62,9 +62,6 @@ class CaptionDataSection:
     # With a frozen image tower and `augment` on: also cache this many augmented
     # copies of every training image's features (each computed once, seeded);
     # every step then draws one of the plain and augmented copies per image.
-    # With image projection members that split the batch (objective.member_batches:
-    # split), each member gets its own this many copies (members x as many are cached;
-    # caption-only runs: the members of a multi-task run share theirs).
     # 0 with augment on runs the frozen tower on fresh augmentations every step.
     augmented_copies: int = 0
     # Also keep cached features on disk, keyed by weights and data, for later runs.
@@ -189,13 +186,10 @@ class FeaturePlan:
     keep_tokens: bool
     # On-disk cache folder (None: memory only).
     folder: Path | None
-    # Sets of `copies` augmented copies: one per image projection member when the members
-    # split the batch (objective.member_batches: split), so each sees its own augmentations.
-    copy_sets: int = 1
 
 
-def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool, copy_sets: int = 1) -> FeaturePlan:
-    """Decide, from the freezing policy and the data options, what is cached (``copy_sets`` sets of augmented copies)."""
+def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool) -> FeaturePlan:
+    """Decide, from the freezing policy and the data options, what is cached."""
     image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
     text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
     augment = data.augment
@@ -210,7 +204,7 @@ def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool, copy_s
         from ..data.config import cache_root
 
         folder = Path(data.feature_cache_dir) if data.feature_cache_dir else cache_root(data.train) / "features"
-    return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder, copy_sets if cache and copies else 1)
+    return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder)
 
 
 def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: AugmentConfig, seed: int,
@@ -228,7 +222,7 @@ def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: 
         return
     augmenting = model.preprocessor.with_augment(augment)
     split.augmented_feats = []
-    total = plan.copies * plan.copy_sets
+    total = plan.copies
     for k in range(total):
         # Each copy's augmentations come from their own seed, so the cache key pins them.
         with torch.random.fork_rng(devices=[]):
@@ -260,8 +254,7 @@ def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: A
     labels = split.dataset["label"] if "label" in split.dataset.column_names else None
     labels = None if labels is None or None in labels else labels  # (N,) class ids, only when every row has one
     return CachedCaptionCollator(feats, split.captions, text_cache, text_rows, model.tokenizer,
-                                 model.text_encoder.config.max_length, train=train, seed=seed, labels=labels, templates=templates,
-                                 copy_sets=plan.copy_sets if train else 1)
+                                 model.text_encoder.config.max_length, train=train, seed=seed, labels=labels, templates=templates)
 
 
 def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],

@@ -66,21 +66,6 @@ def templated(captions: Sequence[str], templates: Sequence[str] | None) -> list[
     return list(captions) if not templates else [t.format(c) for c in captions for t in templates]
 
 
-def member_slices(batch_size: int, members: int) -> list[slice]:
-    """The rows of a batch that each of ``members`` image projections trains on when they split it.
-
-    K contiguous near-equal slices, the first ``batch_size % members`` one row longer
-    (as ``torch.tensor_split``). The caption objective trains member k on slice k and the
-    cached-feature collator draws the rows of slice k from member k's augmented copies.
-    """
-    if members < 1 or batch_size < members:
-        raise ValueError(f"A batch of {batch_size} rows cannot give each of {members} image projection members its own "
-                         f"slice: set train.batch_size to {members} times the batch one member should see.")
-    size, longer = divmod(batch_size, members)
-    starts = [k * size + min(k, longer) for k in range(members + 1)]
-    return [slice(starts[k], starts[k + 1]) for k in range(members)]
-
-
 def caption_form(captions: Sequence[str], templates: Sequence[str] | None, i: int) -> tuple[str, str]:
     """(text, caption): form ``i`` of :func:`templated` without building the others, and the caption it puts in words."""
     per_caption = len(templates) if templates else 1

@@ -44,23 +44,15 @@ class ContrastiveLoss(nn.Module):
     each process returns W * sum_local(w l) / sum_all(w), so the mean over
     processes is still the single-process loss on the global batch.
 
-    ``soft_targets`` (B, N) rows that sum to one (e.g. the softmax of the captions'
-    similarities in a frozen text space) are mixed into the targets with weight
-    ``soft_weight``: an image is then also pulled, a little, towards captions whose
-    meaning is close to its own, so its place relative to *other* names follows the
-    text space.
-
     Objective:
         L = 1/2 [ CE(s * I T^T, Q) + CE(s * T I^T, Q) ],  s = clamped logit scale,
-        Q = (1 - a) P + a S,  P_ij = 1/|group(i)| if group(i) = group(j) else 0,
-        S = soft_targets, a = soft_weight (0 without them); with weights, each row's
+        Q_ij = 1/|group(i)| if group(i) = group(j) else 0; with weights, each row's
         cross-entropy counts w_i / sum(w) instead of 1/N.
 
     Shapes:
         image_embeds, text_embeds: (B, E), L2-normalised; logit_scale: ();
         group_ids: (B,) int or None (then only the diagonal is positive);
-        weights: (B,) non-negative, or None (plain means);
-        soft_targets: (B, N) with N = W*B, rows summing to 1, or None.
+        weights: (B,) non-negative, or None (plain means).
 
     Example:
         >>> loss = ContrastiveLoss()(F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1), torch.tensor(10.0))
@@ -75,8 +67,6 @@ class ContrastiveLoss(nn.Module):
         logit_scale: torch.Tensor,
         group_ids: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
-        soft_targets: torch.Tensor | None = None,
-        soft_weight: float = 0.0,
     ) -> ContrastiveOutput:
         rank, size = world()
         B = image_embeds.shape[0]
@@ -89,8 +79,6 @@ class ContrastiveLoss(nn.Module):
         all_groups = all_gather_no_grad(group_ids)  # (N,)
         positives = (group_ids[:, None] == all_groups[None, :]).to(logits_i2t.dtype)  # (B, N)
         targets = positives / positives.sum(1, keepdim=True)
-        if soft_targets is not None and soft_weight > 0:
-            targets = (1 - soft_weight) * targets + soft_weight * soft_targets.to(targets.dtype)
         rows_i2t = torch.sum(-targets * F.log_softmax(logits_i2t.float(), dim=-1), dim=-1)  # (B,)
         rows_t2i = torch.sum(-targets * F.log_softmax(logits_t2i.float(), dim=-1), dim=-1)  # (B,)
         if weights is None:

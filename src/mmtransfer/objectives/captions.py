@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FRACTION, above, at_least, check_ranges
-from ..data.collate import member_slices
-from ..distributed import all_gather_no_grad
+from ..config import at_least, check_ranges
 from ..evaluate import embed_all, recall_at_k, rerank_recall_at_k
 from ..losses import ContrastiveLoss, MatchingLoss
 from ..models.multimodal import MultimodalModel
@@ -53,26 +51,9 @@ class CaptionObjectiveConfig:
     # the same class label (for sets that caption a class several ways, e.g. glyphs: "seven",
     # "the digit 7"; needs a label column in the training data).
     positives: Literal["caption", "label"] = "caption"
-    # Semantic soft targets: mix this share of the contrastive targets from the softmax of
-    # the batch captions' cosine similarities in the text tower's own (frozen, unprojected)
-    # space, at soft_target_temperature, so that images keep the text space's neighbourhoods
-    # (for class names never seen in training; on OpenMoji's unseen-name validation it is
-    # within noise of plain targets, docs/results/transfer.md). 0 disables.
-    soft_targets: float = 0.0
-    soft_target_temperature: float = 0.1
-    # How the K image projections of an ensemble (model.image_projection_members) share a
-    # batch. "shared": every member trains on every row. "split": member k trains on its own
-    # k-th slice of the batch (set train.batch_size to K times the batch one member should
-    # see), so the members see different data in a different order and, with cached
-    # features, their own data.augmented_copies, as separately seeded runs do, in one
-    # run. On held-out OpenMoji names 3 split members gain 2 points of zero-shot top-5
-    # over one projection and no top-1; separate runs merged by scripts/ensemble_models.py
-    # gain top-1 too (docs/results/transfer.md).
-    member_batches: Literal["shared", "split"] = "shared"
 
     def __post_init__(self) -> None:
-        check_ranges(self, contrastive_weight=at_least(0), itm_weight=at_least(0), soft_targets=FRACTION,
-                     soft_target_temperature=above(0))
+        check_ranges(self, contrastive_weight=at_least(0), itm_weight=at_least(0))
 
 
 def image_features(model: MultimodalModel, batch: dict[str, Any]) -> ImageEncoderOutput:
@@ -110,11 +91,6 @@ class CaptionObjective(nn.Module):
 
     def __init__(self, config: CaptionObjectiveConfig, use_itm: bool) -> None:
         super().__init__()
-        if not 0 <= config.soft_targets <= 1 or config.soft_target_temperature <= 0:
-            raise ValueError("objective.soft_targets must be between 0 and 1 and objective.soft_target_temperature "
-                             f"above 0, got {config.soft_targets} and {config.soft_target_temperature}.")
-        if config.member_batches not in ("shared", "split"):
-            raise ValueError(f"objective.member_batches must be 'shared' or 'split', got {config.member_batches!r}.")
         self.config = config
         self.use_itm = use_itm
         self.contrastive = ContrastiveLoss()
@@ -136,37 +112,14 @@ class CaptionObjective(nn.Module):
             return batch["caption_group"]
         return caption_groups(batch["input_ids"], batch["attention_mask"])
 
-    def soft_targets(self, text_pooled: torch.Tensor) -> torch.Tensor:
-        """Softmax over the gathered captions of their similarity to each local caption. Shapes: (B, Dt) -> (B, N)"""
-        with torch.no_grad():
-            t = F.normalize(text_pooled.detach().float(), dim=-1)  # (B, Dt)
-            sim = t @ all_gather_no_grad(t).T  # (B, N)
-            return torch.softmax(sim / self.config.soft_target_temperature, dim=-1)
-
-    def member_rows(self, model: MultimodalModel, batch_size: int) -> list[slice] | None:
-        """With ``member_batches="split"``, the batch rows each image projection trains on (K near-equal slices); else None."""
-        if self.config.member_batches == "shared":
-            return None
-        return member_slices(batch_size, len(model.image_projection_modules))
-
     def forward(self, model: MultimodalModel, batch: dict[str, Any], info: StepInfo) -> TaskOutput:
         img = image_features(model, batch)
         txt = text_features(model, batch)
         zt = model.project_text(txt.pooled)  # (B, E)
         scale = model.get_logit_scale()
         groups = self.positive_groups(batch)  # (B,)
-        soft = self.soft_targets if self.config.soft_targets > 0 else lambda pooled: None
-        slices = self.member_rows(model, zt.shape[0])
-        if slices is None:  # every member on every row
-            members = model.project_image_members(img.pooled)  # (K, B, E): K image projections, each with its own loss
-            targets = soft(txt.pooled)
-            parts = [(slice(None), zi, targets) for zi in members]
-        else:  # member k on rows slices[k] only: (B_k, E) each
-            members = None
-            parts = [(rows, F.normalize(proj(img.pooled[rows]), dim=-1), soft(txt.pooled[rows]))
-                     for rows, proj in zip(slices, model.image_projection_modules)]
-        cons = [self.contrastive(zi, zt[rows], scale, groups[rows], soft_targets=targets, soft_weight=self.config.soft_targets)
-                for rows, zi, targets in parts]
+        members = model.project_image_members(img.pooled)  # (K, B, E): K image projections, each with its own loss
+        cons = [self.contrastive(zi, zt, scale, groups) for zi in members]
         con_loss = torch.stack([c.loss for c in cons]).mean()
         loss = self.config.contrastive_weight * con_loss
         metrics: dict[str, torch.Tensor | float] = {
@@ -177,7 +130,7 @@ class CaptionObjective(nn.Module):
         }
         if self.use_itm:
             with torch.no_grad():  # (B, E): the model's image embedding, for mining hard negatives
-                zi = model.project_image(img.pooled) if members is None else F.normalize(members.mean(0), dim=-1)
+                zi = members[0] if len(members) == 1 else F.normalize(members.mean(0), dim=-1)
             sim = (zi @ zt.T).detach() * scale.detach()  # (B, B) local pairs
             fusion = model.fusion
             # Project tokens to the fusion width once; the matching loss indexes them three ways.

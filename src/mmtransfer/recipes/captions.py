@@ -55,8 +55,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
             if section is not None:
                 splits[name] = load_split(name, section, reports)
 
-    split_members = len(model.image_projection_modules) if cfg.objective.member_batches == "split" else 1
-    plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective), copy_sets=split_members)
+    plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective))
     bs = cfg.data.eval_batch_size
     text_cache = None
     text_rows: dict[str, int] = {}
@@ -115,9 +114,8 @@ def _cache_features(model: Any, splits: dict[str, _Split], plan: Any, cfg: Finet
             cache_image_features(model, split, plan, cfg.data.augment, cfg.train.seed, bs, progress, train=split is train_split)
         if plan.text_frozen:
             text_cache, text_rows = cache_text_features(model, caption_texts(splits, templates), plan, progress)
-    logger.info("Frozen towers: training on cached features (image%s%s%s).", " and text" if text_cache else "",
-                f", {plan.copies} augmented cop{'y' if plan.copies == 1 else 'ies'} of the training images" if plan.copies else "",
-                f" for each of the {plan.copy_sets} image projections" if plan.copy_sets > 1 else "")
+    logger.info("Frozen towers: training on cached features (image%s%s).", " and text" if text_cache else "",
+                f", {plan.copies} augmented cop{'y' if plan.copies == 1 else 'ies'} of the training images" if plan.copies else "")
     return text_cache, text_rows
 
 
