@@ -116,9 +116,8 @@ def test_scripts_use_recipes_and_the_public_api_only():
 
 # Longer than the limits today, each at most this long: the list may only shrink (docs/design.md, "Layout").
 OVER_THE_LIMIT = {
-    "mmtransfer.data.sources": 1100,
     "mmtransfer.data.emoji_sets": 660,
-    "mmtransfer.data.sources.stage_caption_table": 95,
+    "mmtransfer.data.tables.stage_caption_table": 95,
     "mmtransfer.data.sources.standardize": 106,
 }
 

@@ -39,7 +39,8 @@ def load_with_report(name_or_path: "str | os.PathLike[str] | DataConfig | dict[s
         >>> out.report.skipped, len(out.dataset)                          # doctest: +SKIP
         (2, 98)
     """
-    from .sources import finish, stage
+    from .finish import finish
+    from .sources import stage
 
     config = make_config(name_or_path, split, options)
     dataset, report = finish(stage(config), config)
@@ -94,7 +95,9 @@ def validate(dataset_or_name: "Dataset | str | os.PathLike[str] | DataConfig", s
     """
     import dataclasses
 
-    from .sources import Staged, make_report, scan_images, stage, standardize
+    from .finish import make_report, scan_images
+    from .sources import stage, standardize
+    from .staging import Staged
 
     if _is_dataset(dataset_or_name):
         config = make_config(None, split, options)

@@ -11,7 +11,7 @@ from .config import ENV_DATA_DIR, DataConfig, DataError, cache_root, data_root
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
-    from .sources import Staged
+    from .staging import Staged
 
 EMOJI_SETS = ("openmoji", "noto-emoji")
 EMOJI_SPLITS = ("train", "validation", "test", "unseen", "all")
@@ -55,7 +55,7 @@ def _stage_glyphs(config: DataConfig) -> "Staged":
     from datasets import concatenate_datasets
 
     from .glyph_sets import GLYPH_SPLITS, build_glyph_set
-    from .sources import Staged
+    from .staging import Staged
 
     split = config.split or "train"
     if split not in (*GLYPH_SPLITS, "all"):
@@ -69,7 +69,7 @@ def _stage_emoji(config: DataConfig) -> "Staged":
     from datasets import concatenate_datasets
 
     from .emoji_sets import SPLITS, build_emoji_set
-    from .sources import Staged
+    from .staging import Staged
 
     split = config.split or "train"
     if split not in EMOJI_SPLITS:
@@ -98,7 +98,7 @@ def emoji_build_info(name: str = "openmoji", **options: Any) -> dict[str, Any]:
 
 def _stage_digits(config: DataConfig) -> "Staged":
     from .cache import cached_build, file_fingerprint
-    from .sources import Staged
+    from .staging import Staged
 
     spec = DIGIT_SETS[config.name]
     split = config.split or "train"
@@ -127,7 +127,8 @@ def _build_digits(name: str, path: Path, spec: DigitSet) -> tuple["DatasetDict",
     import numpy as np
     from datasets import Dataset, DatasetDict
 
-    from .sources import encode_arrays, standard_features
+    from .sources import encode_arrays
+    from .staging import standard_features
 
     parts = {}
     with np.load(path, allow_pickle=False) as archive:

@@ -414,7 +414,7 @@ def _processes(num_proc: int | None, n_items: int) -> int:
 
 def _run(font: EmojiFont, entries: list[EmojiEntry], canvas: int, render: bool, progress: bool | None, desc: str, num_proc: int | None) -> list[tuple[str | None, list[bytes]]]:
     """``_work`` over all entries, in order, in one process or a pool of forked ones."""
-    from .sources import _progress
+    from .finish import _progress
 
     chars = [e.char for e in entries]
     chunk = 48

@@ -148,7 +148,7 @@ def _png(image: "Image.Image") -> bytes:
 def _build(fonts: list[Path], classes: list[GlyphClass], progress: bool | None) -> tuple["DatasetDict", dict[str, Any]]:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 
-    from .sources import _progress
+    from .finish import _progress
 
     columns: dict[str, dict[str, list[Any]]] = {s: {k: [] for k in ("image", "captions", "label", "font", "view")} for s in GLYPH_SPLITS}
     total = sum(VIEWS[split_of_font(f)] for f in fonts) * len(classes)

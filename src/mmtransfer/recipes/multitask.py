@@ -28,13 +28,12 @@ from typing import Any, Callable
 
 import torch
 
+from ..assemble.captions import MultitaskConfig
 from ..config import ConfigError
 from ..data.mixed import CachedImageBatches, _LabelRows, batch_shares, mixed_loader
 from ..objectives.multitask import TASKS, DomainObjective, LabelObjective, MultiTask
 from ..objectives.weighting import FixedWeighting, UncertaintyWeighting
 from ..transfer import ClassSet, _labels, classify_split, name_embeddings, save_label_head
-
-from ..assemble.captions import MultitaskConfig
 
 logger = logging.getLogger(__name__)
 
