@@ -232,6 +232,47 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
     problems: list[Problem] = []
     bad_rows: dict[int, list[Problem]] = {}
     n = len(ds)
+    out = _image_column(ds, image_col, config, base_dir, where, bad_rows)
+
+    if caption_cols:
+        captions: list[list[str]] = [[] for _ in range(n)]
+        caption_issues: dict[int, list[str]] = {}
+        for col in caption_cols:
+            for i, value in enumerate(_column(ds, col)):
+                good, bad = _captions_of(value)
+                captions[i].extend(good)
+                for reason in bad:
+                    caption_issues.setdefault(i, []).append(f"{reason} in column '{col}'")
+        for i, reasons in caption_issues.items():
+            if captions[i]:
+                problems.extend(Problem(f"row {i}", None, r) for r in reasons)
+            else:
+                bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, "; ".join(reasons) + " (no caption left, so the sample is left out)", i))
+        out = out.add_column("captions", captions, feature=List(Value("string")))
+
+    class_names = None
+    if label_col is not None:
+        labels, class_names = _label_column(ds, label_col, config, where, bad_rows)
+        out = out.add_column("label", labels, feature=ClassLabel(names=class_names))
+        if not caption_cols:
+            out = out.add_column("captions", [[class_names[j]] for j in labels], feature=List(Value("string")))
+
+    domains = [str(v) if not _is_missing(v) else source for v in _column(ds, domain_col)] if domain_col else [source] * n
+    out = out.add_column("domain", domains, feature=Value("string"))
+    out = out.add_column("image_id", list(range(n)), feature=Value("int64"))
+    order = ["image", "captions", "label", "domain", "image_id"]
+    out = out.select_columns([c for c in order if c in out.column_names])
+    problems.extend(p for i in sorted(bad_rows) for p in bad_rows[i])
+    return Staged(out, source, split, problems)
+
+
+
+def _image_column(ds: "Dataset", image_col: str, config: DataConfig, base_dir: Path | None, where: str,
+                  bad_rows: dict[int, list[Problem]]) -> "Dataset":
+    """The ``image`` column: an Image feature as it is, or file paths resolved against the root and checked."""
+    from datasets import Image, Value
+
+    feats = ds.features
     out = ds.select_columns([image_col])
     if image_col != "image":
         out = out.rename_column(image_col, "image")
@@ -261,55 +302,34 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
         out = Dataset.from_dict({"image": paths}, features=Features({"image": Image()}))
     elif image_feature.decode is False:
         out = out.cast_column("image", Image())
+    return out
 
-    if caption_cols:
-        captions: list[list[str]] = [[] for _ in range(n)]
-        caption_issues: dict[int, list[str]] = {}
-        for col in caption_cols:
-            for i, value in enumerate(_column(ds, col)):
-                good, bad = _captions_of(value)
-                captions[i].extend(good)
-                for reason in bad:
-                    caption_issues.setdefault(i, []).append(f"{reason} in column '{col}'")
-        for i, reasons in caption_issues.items():
-            if captions[i]:
-                problems.extend(Problem(f"row {i}", None, r) for r in reasons)
-            else:
-                bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, "; ".join(reasons) + " (no caption left, so the sample is left out)", i))
-        out = out.add_column("captions", captions, feature=List(Value("string")))
 
-    class_names = None
-    if label_col is not None:
-        lf = feats[label_col]
-        values = _column(ds, label_col)
-        if isinstance(lf, ClassLabel):
-            class_names = list(config.class_names) if config.class_names is not None else [readable_name(x) if x.isidentifier() else x for x in lf.names]
-            if len(class_names) != lf.num_classes:
-                raise DataError(f"class_names has {len(class_names)} names but the label column '{label_col}' has {lf.num_classes} classes.")
-            mapper = _Labels(class_names, [], label_col, where)
-        else:
-            if isinstance(lf, Value) and lf.dtype.startswith(("int", "uint")) and config.class_names is None:
-                logger.warning("%s: label column '%s' holds integers and no class_names were given.", where, label_col)
-            mapper = _Labels(config.class_names, values, label_col, where)
-            class_names = mapper.names
-        labels: list[int] = []
-        for i, value in enumerate(values):
-            index, reason = mapper(value)
-            if reason:
-                bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, reason, i))
-                index = 0  # placeholder; the row is reported and never used as it is
-            labels.append(index)
-        out = out.add_column("label", labels, feature=ClassLabel(names=class_names))
-        if not caption_cols:
-            out = out.add_column("captions", [[class_names[j]] for j in labels], feature=List(Value("string")))
+def _label_column(ds: "Dataset", label_col: str, config: DataConfig, where: str,
+                  bad_rows: dict[int, list[Problem]]) -> tuple[list[int], list[str]]:
+    """Class indices of every row (0 for a bad row, which is reported) and the class names."""
+    from datasets import ClassLabel, Value
 
-    domains = [str(v) if not _is_missing(v) else source for v in _column(ds, domain_col)] if domain_col else [source] * n
-    out = out.add_column("domain", domains, feature=Value("string"))
-    out = out.add_column("image_id", list(range(n)), feature=Value("int64"))
-    order = ["image", "captions", "label", "domain", "image_id"]
-    out = out.select_columns([c for c in order if c in out.column_names])
-    problems.extend(p for i in sorted(bad_rows) for p in bad_rows[i])
-    return Staged(out, source, split, problems)
+    lf = ds.features[label_col]
+    values = _column(ds, label_col)
+    if isinstance(lf, ClassLabel):
+        class_names = list(config.class_names) if config.class_names is not None else [readable_name(x) if x.isidentifier() else x for x in lf.names]
+        if len(class_names) != lf.num_classes:
+            raise DataError(f"class_names has {len(class_names)} names but the label column '{label_col}' has {lf.num_classes} classes.")
+        mapper = _Labels(class_names, [], label_col, where)
+    else:
+        if isinstance(lf, Value) and lf.dtype.startswith(("int", "uint")) and config.class_names is None:
+            logger.warning("%s: label column '%s' holds integers and no class_names were given.", where, label_col)
+        mapper = _Labels(config.class_names, values, label_col, where)
+        class_names = mapper.names
+    labels: list[int] = []
+    for i, value in enumerate(values):
+        index, reason = mapper(value)
+        if reason:
+            bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, reason, i))
+            index = 0  # placeholder; the row is reported and never used as it is
+        labels.append(index)
+    return labels, class_names
 
 
 # -- npz archives ----------------------------------------------------------------------

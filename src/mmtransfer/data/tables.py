@@ -182,19 +182,7 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
         if domain_col and not _is_missing(row.get(domain_col)):
             rec["domain"] = str(row[domain_col])
 
-    kept: list[dict[str, Any]] = []
-    for key, rec in records.items():
-        cps = caption_problems.get(key, [])
-        if rec["bad"] is not None:
-            problems.append(rec["bad"])
-            continue
-        if caption_cols and not rec["captions"]:
-            for p in cps:
-                p.reason += " (the image has no other caption, so it is left out)"
-            problems.extend(cps or [Problem(", ".join(rec["wheres"]), rec["file"], "the image has no caption")])
-            continue
-        problems.extend(cps)
-        kept.append(rec)
+    kept = _usable_records(records, caption_problems, bool(caption_cols), problems)
     _note_unlisted_images(path, records, root)
     if not caption_cols and labels is not None:
         # A labelled table without captions: the class name is the caption (as for class folders).
@@ -204,6 +192,26 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
     wheres = [_join_wheres(r["wheres"]) for r in kept]
     problems.sort(key=lambda p: _row_number(p.where))
     return Staged(dataset, source, config.split, problems, wheres)
+
+
+
+def _usable_records(records: dict[str, dict[str, Any]], caption_problems: dict[str, list[Problem]], has_captions: bool,
+                    problems: list[Problem]) -> list[dict[str, Any]]:
+    """The records that can be samples; the others' problems (and the kept ones' caption problems) go to ``problems``."""
+    kept: list[dict[str, Any]] = []
+    for key, rec in records.items():
+        cps = caption_problems.get(key, [])
+        if rec["bad"] is not None:
+            problems.append(rec["bad"])
+            continue
+        if has_captions and not rec["captions"]:
+            for p in cps:
+                p.reason += " (the image has no other caption, so it is left out)"
+            problems.extend(cps or [Problem(", ".join(rec["wheres"]), rec["file"], "the image has no caption")])
+            continue
+        problems.extend(cps)
+        kept.append(rec)
+    return kept
 
 
 def _row_number(where: str) -> int:
