@@ -127,9 +127,9 @@ def run_main(fn: Any, *args: Any) -> Any:
     """Call ``fn``; errors meant for people (bad data, names, configs) end with one line, not a stack trace."""
     from .checkpoint import CheckpointError
     from .config import ConfigError as _ConfigError
+    from .distributed import LaunchError
     from .registry import ModelFileError, UnknownModelError
     from .run_folder import RunFolderError
-    from .train import LaunchError
 
     known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, ModelFileError, FileNotFoundError,
                                               CheckpointError, LaunchError, RunFolderError)
@@ -148,8 +148,6 @@ def run_main(fn: Any, *args: Any) -> Any:
 
     # Under several processes every one returns the results; only the main process reports them.
     return result if is_main_process() else None
-
-logger = logging.getLogger(__name__)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -69,3 +71,36 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class LaunchError(RuntimeError):
+    """The processes that were started are not the ones that were asked for."""
+
+
+def _launched_processes() -> int:
+    """The world size a launcher (torchrun, accelerate launch, mpirun) set in the environment; 1 without one."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def _has_accelerator_device() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def check_launch() -> None:
+    """Refuse ``accelerate launch --cpu --num_processes N``, which starts one process where N were asked.
+
+    Accelerate's CPU launcher runs the script once unless mpirun is configured; it
+    still sets MASTER_ADDR for the N processes it was asked for, which is how the
+    mismatch shows. Training on with one process would silently change the global
+    batch, so the run stops and says what to type instead.
+    """
+    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ
+            and _launched_processes() == 1):
+        raise LaunchError(
+            "accelerate launch --cpu with --num_processes > 1 started only this one process (Accelerate's CPU launcher "
+            "needs mpirun for more). To train with N processes on CPUs run: torchrun --nproc_per_node N "
+            "scripts/<script>.py ...; to run one process, drop --num_processes."
+        )

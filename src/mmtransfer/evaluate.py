@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -197,8 +196,6 @@ def rerank_recall_at_k(
         if kk <= k:
             out[f"t2i_R@{kk}"] = 100.0 * float((t2i_rank < kk).float().mean())
     return out
-
-logger = logging.getLogger(__name__)
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:

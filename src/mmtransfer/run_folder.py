@@ -4,14 +4,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
-
-logger = logging.getLogger(__name__)
-
 
 CHECKPOINT_PREFIX = "checkpoint-"
 

@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from torch import nn
 
 from . import checkpoint
 from .config import FRACTION, Range, at_least, check_ranges, to_dict
+from .distributed import _has_accelerator_device, _launched_processes, check_launch
 from .evaluate import plot_curves
 from .objectives.base import StepInfo, TaskOutput
 from .run_folder import (
@@ -144,10 +144,6 @@ class _TrainState:
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
 
 
-class LaunchError(RuntimeError):
-    """The processes that were started are not the ones that were asked for."""
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -189,35 +185,6 @@ def _scalar(value: torch.Tensor | float) -> float:
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
-def _launched_processes() -> int:
-    """The world size a launcher (torchrun, accelerate launch, mpirun) set in the environment; 1 without one."""
-    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
-
-
-def _has_accelerator_device() -> bool:
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def check_launch() -> None:
-    """Refuse ``accelerate launch --cpu --num_processes N``, which starts one process where N were asked.
-
-    Accelerate's CPU launcher runs the script once unless mpirun is configured; it
-    still sets MASTER_ADDR for the N processes it was asked for, which is how the
-    mismatch shows. Training on with one process would silently change the global
-    batch, so the run stops and says what to type instead.
-    """
-    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ
-            and _launched_processes() == 1):
-        raise LaunchError(
-            "accelerate launch --cpu with --num_processes > 1 started only this one process (Accelerate's CPU launcher "
-            "needs mpirun for more). To train with N processes on CPUs run: torchrun --nproc_per_node N "
-            "scripts/<script>.py ...; to run one process, drop --num_processes."
-        )
 
 
 def loop_settings(config: TrainConfig) -> TrainConfig:

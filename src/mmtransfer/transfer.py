@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -219,8 +218,6 @@ def interpolated(classifier: ImageClassifier, zero_shot: dict[str, torch.Tensor]
     out = copy.deepcopy(classifier)
     out.load_state_dict(wise_ft(zero_shot, classifier.state_dict(), alpha))
     return out
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -11,8 +10,6 @@ import torch
 
 from ..config import ConfigError
 from ..models.preprocess import ImagePreprocessor
-
-logger = logging.getLogger(__name__)
 
 
 class TensorBatches:

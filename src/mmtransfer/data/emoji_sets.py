@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,6 @@ from .emoji_fonts import (
 if TYPE_CHECKING:
     from datasets import DatasetDict
     from PIL import Image
-
-logger = logging.getLogger("mmtransfer.data")
 
 # Bump when the rendering or the layout of the built sets changes: caches rebuild.
 BUILDER_VERSION = 4

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..config import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 def batch_shares(batch_size: int, shares: dict[str, float]) -> dict[str, int]:

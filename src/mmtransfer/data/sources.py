@@ -266,7 +266,6 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
     return Staged(out, source, split, problems)
 
 
-
 def _image_column(ds: "Dataset", image_col: str, config: DataConfig, base_dir: Path | None, where: str,
                   bad_rows: dict[int, list[Problem]]) -> "Dataset":
     """The ``image`` column: an Image feature as it is, or file paths resolved against the root and checked."""

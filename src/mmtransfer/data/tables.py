@@ -194,7 +194,6 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
     return Staged(dataset, source, config.split, problems, wheres)
 
 
-
 def _usable_records(records: dict[str, dict[str, Any]], caption_problems: dict[str, list[Problem]], has_captions: bool,
                     problems: list[Problem]) -> list[dict[str, Any]]:
     """The records that can be samples; the others' problems (and the kept ones' caption problems) go to ``problems``."""

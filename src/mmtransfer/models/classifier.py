@@ -6,7 +6,6 @@ Saved and loaded like the multimodal model (``save_pretrained`` / ``mmtransfer.l
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from torch import nn
 from ..config import DROPOUT, ImageEncoderConfig, at_least, check_ranges, to_dict
 from .lenet import LeNet, LeNetConfig
 from .preprocess import ImagePreprocessor
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -10,7 +10,6 @@ belongs to the weights.
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 
 import torch
@@ -21,8 +20,6 @@ from ..registry import IMAGE_ALIASES, TORCHVISION_PREFIX, PackagedImageWeights, 
 from .common import find_blocks
 from .outputs import ImageEncoderOutput
 from .preprocess import ImagePreprocessor, PreprocessConfig
-
-logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

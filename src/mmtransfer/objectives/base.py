@@ -6,12 +6,9 @@ schedules inside it are pure functions of the :class:`StepInfo`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

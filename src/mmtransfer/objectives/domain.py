@@ -7,7 +7,6 @@ gradient-reversal strength is a pure function of the step (:func:`grl_lambda`).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,9 +29,6 @@ from ..losses.domain import (
 from ..models.classifier import ClassifierOutput, ImageClassifier
 from ..schedules import dann_lambda
 from .base import StepInfo, TaskOutput
-
-logger = logging.getLogger(__name__)
-
 
 METHODS = ("none", "dann", "cdan", "cdan+e", "mmd", "coral")
 

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch.nn.functional as F
 from torch import nn
 
 from .base import StepInfo, TaskOutput
-
-logger = logging.getLogger(__name__)
 
 
 class ClassificationTask(nn.Module):

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -13,9 +12,6 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import StepInfo, TaskOutput
-
-logger = logging.getLogger(__name__)
-
 
 TASKS = ("captions", "labels", "domain")
 

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -31,13 +31,10 @@ per step, the gradient-reversal strength a pure function of the step.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ..assemble.domain_run import fit_domain_run
 from ..assemble.domains import AdaptConfig
-
-logger = logging.getLogger(__name__)
 
 
 def run(cfg: AdaptConfig, fast_dev_run: bool = False) -> dict[str, Any]:
