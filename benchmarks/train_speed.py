@@ -100,12 +100,12 @@ def run_ours(batch_size: int, steps: int, warmup: int, variant: str) -> list[flo
 
     import mmtransfer
     from mmtransfer.objectives.captions import CaptionObjectiveConfig, CaptionTask
-    from mmtransfer.train import OptimConfig, Trainer, TrainConfig
+    from mmtransfer.train import OptimConfig, TrainConfig, Trainer
 
     torch.manual_seed(0)
     if variant in ("frozen", "cached"):
-        from mmtransfer.config import load_config
         from mmtransfer.assemble.captions import FinetuneConfig
+        from mmtransfer.config import load_config
 
         recipe = load_config(FinetuneConfig, Path(__file__).resolve().parents[1] / "configs" / "openmoji_contrastive.yaml")
         model = mmtransfer.create_model(recipe.model)

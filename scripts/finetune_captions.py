@@ -20,7 +20,6 @@ Examples:
 
 from __future__ import annotations
 
-
 from mmtransfer.cli import parse_args, run_main, setup_logging
 from mmtransfer.recipes import captions, multitask
 from mmtransfer.recipes.captions import FinetuneConfig

@@ -12,8 +12,8 @@ Examples:
 
 from __future__ import annotations
 
-from mmtransfer.recipes.classify import ClassifyConfig, run
 from mmtransfer.cli import parse_args, run_main, setup_logging
+from mmtransfer.recipes.classify import ClassifyConfig, run
 
 
 def main() -> None:

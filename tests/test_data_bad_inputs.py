@@ -14,11 +14,29 @@ from PIL import Image
 from mmtransfer.data import DataError, load, load_with_report, open_image, validate
 
 try:
-    from data_helpers import (exif_rotated_jpeg, garbage_file, load_repo_module, png_with_size, preprocessor, save_image,
-                              truncated_png, write_csv, write_jsonl)
+    from data_helpers import (
+        exif_rotated_jpeg,
+        garbage_file,
+        load_repo_module,
+        png_with_size,
+        preprocessor,
+        save_image,
+        truncated_png,
+        write_csv,
+        write_jsonl,
+    )
 except ImportError:  # tests/ collected as a package
-    from tests.data_helpers import (exif_rotated_jpeg, garbage_file, load_repo_module, png_with_size, preprocessor, save_image,
-                                    truncated_png, write_csv, write_jsonl)
+    from tests.data_helpers import (
+        exif_rotated_jpeg,
+        garbage_file,
+        load_repo_module,
+        png_with_size,
+        preprocessor,
+        save_image,
+        truncated_png,
+        write_csv,
+        write_jsonl,
+    )
 
 
 def folder_with(tmp_path, bad_name: str, make_bad) -> "tuple":

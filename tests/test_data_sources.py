@@ -322,8 +322,8 @@ def test_problems_follow_their_rows_into_a_balanced_sample(tmp_path):
 
 def test_fast_dev_runs_take_balanced_samples():
     from mmtransfer.assemble import domains
-    from mmtransfer.train import TrainConfig
     from mmtransfer.assemble.fast_dev import fast_dev_slice
+    from mmtransfer.train import TrainConfig
 
     section = DataConfig(name="mnist5k", max_samples=1000)
     fast_dev_slice(TrainConfig(), [section, None], 64)

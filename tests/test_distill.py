@@ -9,18 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_domain import _batch  # source (B, 3, 16, 16) with labels in 0..2, target shifted by +1
 
 import mmtransfer
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.config import ConfigError, load_config
-from mmtransfer.recipes.distill import DistillConfig, check_distill_config
-from mmtransfer.objectives.distill import DistillLossConfig
-from mmtransfer.objectives.distill import ClassifyDistillTask, MultimodalDistillTask, check_class_order, convert_pixels, image_cost, load_teacher
 from mmtransfer.losses.distill import EmbeddingDistillLoss, KDLoss
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.models.preprocess import PreprocessConfig
 from mmtransfer.objectives.base import StepInfo
-from test_domain import _batch  # source (B, 3, 16, 16) with labels in 0..2, target shifted by +1
+from mmtransfer.objectives.distill import (
+    ClassifyDistillTask,
+    DistillLossConfig,
+    MultimodalDistillTask,
+    check_class_order,
+    convert_pixels,
+    image_cost,
+    load_teacher,
+)
+from mmtransfer.recipes.distill import DistillConfig, check_distill_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtransfer.assemble.domains import AdaptConfig, check_config
 from mmtransfer.assemble.domain_data import TensorBatches
-from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, MultimodalAdaptTask, grl_lambda
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
+from mmtransfer.assemble.domains import AdaptConfig, check_config
 from mmtransfer.config import ConfigError
 from mmtransfer.losses.domain import (
     ConditionalDomainAdversarialLoss,
@@ -26,10 +24,12 @@ from mmtransfer.losses.domain import (
     RandomizedMultilinearMap,
     grad_reverse,
 )
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.models.lenet import LeNet, LeNetConfig
-from mmtransfer.schedules import dann_lambda
-from mmtransfer.train import OptimConfig, Trainer, TrainConfig
 from mmtransfer.objectives.base import StepInfo
+from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, MultimodalAdaptTask, grl_lambda
+from mmtransfer.schedules import dann_lambda
+from mmtransfer.train import OptimConfig, TrainConfig, Trainer
 
 TINY_LENET = LeNetConfig(channels=[4, 8], image_size=16)
 

@@ -77,8 +77,8 @@ def _captioned_folder(root: Path, n: int = 24) -> Path:
 
 
 def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
-    from mmtransfer.recipes import captions as finetune
     from mmtransfer.config import from_dict
+    from mmtransfer.recipes import captions as finetune
     from mmtransfer.registry import get_preset
 
     folder = _captioned_folder(tmp_path / "data")
@@ -109,8 +109,8 @@ def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
 def test_finetune_with_caption_templates(tmp_path, frozen_image):
     """Templated training captions: cached text holds every form (frozen towers), or the raw collator templates them."""
     from mmtransfer.assemble import captions
-    from mmtransfer.recipes import captions as finetune
     from mmtransfer.config import ConfigError, from_dict
+    from mmtransfer.recipes import captions as finetune
     from mmtransfer.registry import get_preset
 
     folder = _captioned_folder(tmp_path / "data")

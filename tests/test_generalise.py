@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmtransfer.assemble.domains import AdaptConfig, check_config
 from mmtransfer.assemble.domain_data import balanced_items, labels_and_names, pool_sources, zero_shot_candidates
-from mmtransfer.objectives.domain import ClassifyAdaptTask, DiscriminatorConfig, MethodConfig, MultimodalAdaptTask
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
+from mmtransfer.assemble.domains import AdaptConfig, check_config
 from mmtransfer.config import ConfigError
 from mmtransfer.losses.domain import (
     CORALLoss,
@@ -20,8 +18,10 @@ from mmtransfer.losses.domain import (
     MultipleKernelMMD,
     PairwiseDomainLoss,
 )
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.objectives.base import StepInfo
+from mmtransfer.objectives.domain import ClassifyAdaptTask, DiscriminatorConfig, MethodConfig, MultimodalAdaptTask
 
 SYMBOLA = Path("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf")
 

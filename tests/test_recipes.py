@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from mmtransfer.assemble.domains import AdaptConfig
-from mmtransfer.recipes.classify import ClassifyConfig
-from mmtransfer.config import ConfigError, load_config
-from mmtransfer.recipes.distill import DistillConfig
 from mmtransfer.assemble.captions import FinetuneConfig, MultitaskConfig
+from mmtransfer.assemble.domains import AdaptConfig
+from mmtransfer.config import ConfigError, load_config
+from mmtransfer.recipes.classify import ClassifyConfig
+from mmtransfer.recipes.distill import DistillConfig
 
 try:
     from data_helpers import load_repo_module

@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from mmtransfer.assemble.domains import AdaptConfig, check_config
-from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, weighted_mean
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.config import ConfigError
 from mmtransfer.losses.contrastive import ContrastiveLoss
 from mmtransfer.losses.reweight import (
@@ -22,9 +20,10 @@ from mmtransfer.losses.reweight import (
     plot_weights,
     weight_stats,
 )
+from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.objectives.base import StepInfo
-
+from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, weighted_mean
 
 # Each test starts with no Accelerate state left by the one before (conftest.py).
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")

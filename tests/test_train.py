@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import mmtransfer
 from mmtransfer.losses import ContrastiveLoss, MatchingLoss, sample_hard_negatives
 from mmtransfer.objectives.captions import CaptionObjectiveConfig, CaptionTask, caption_groups
-from mmtransfer.schedules import dann_lambda, warmup_cosine
-from mmtransfer.train import OptimConfig, Trainer, TrainConfig, parameter_groups
 from mmtransfer.run_folder import list_checkpoints
+from mmtransfer.schedules import dann_lambda, warmup_cosine
+from mmtransfer.train import OptimConfig, TrainConfig, Trainer, parameter_groups
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20),
            "black": (0, 0, 0), "white": (255, 255, 255), "purple": (140, 20, 160), "orange": (250, 140, 0)}
@@ -275,9 +275,9 @@ def test_each_image_projection_member_trains_on_its_own_loss():
     import dataclasses
 
     import mmtransfer
+    from mmtransfer.objectives.base import StepInfo
     from mmtransfer.objectives.captions import CaptionObjective
     from mmtransfer.registry import get_preset
-    from mmtransfer.objectives.base import StepInfo
 
     torch.manual_seed(0)
     model = mmtransfer.create_model(dataclasses.replace(get_preset("tiny-random"), image_projection="mlp", image_projection_members=2)).eval()  # no dropout

@@ -9,10 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmtransfer.recipes.classify import ClassifyConfig, _train_mode, few_shot_indices, pooled_features
 from mmtransfer.evaluate import classification_metrics, confusion_matrix
-from mmtransfer.transfer import (ImageClassifier, LinearHead, class_embeddings, hub_penalty, interpolated, wise_ft,
-                                 zero_shot_classifier)
+from mmtransfer.recipes.classify import ClassifyConfig, _train_mode, few_shot_indices, pooled_features
+from mmtransfer.transfer import (
+    ImageClassifier,
+    LinearHead,
+    class_embeddings,
+    hub_penalty,
+    interpolated,
+    wise_ft,
+    zero_shot_classifier,
+)
 
 NAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
 RGB = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 20)]
@@ -153,8 +160,8 @@ def test_zero_shot_classifier_with_reference_embeddings(tiny_model):
 
 
 def test_classify_run_reports_hub_corrected_and_plain_zero_shot(tmp_path, tiny_model, colour_dataset):
-    from mmtransfer.recipes.classify import run
     from mmtransfer.config import from_dict
+    from mmtransfer.recipes.classify import run
 
     colour_dataset.save_to_disk(str(tmp_path / "colours"))
     tiny_model.save_pretrained(tmp_path / "model")

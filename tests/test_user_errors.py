@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from data_helpers import load_repo_module
-from mmtransfer.cli import parse_args
+
 from mmtransfer.assemble.captions import FinetuneConfig
+from mmtransfer.cli import parse_args
 from mmtransfer.recipes import captions
 
 RECIPE = "configs/openmoji_contrastive.yaml"
@@ -67,8 +67,8 @@ def test_out_of_range_values_fail_as_the_recipe_loads(override, message):
 
 def test_out_of_range_values_in_a_yaml_file_and_other_recipes(tmp_path):
     from mmtransfer.assemble.domains import AdaptConfig
-    from mmtransfer.recipes.classify import ClassifyConfig
     from mmtransfer.config import ConfigError, load_config
+    from mmtransfer.recipes.classify import ClassifyConfig
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  max_steps: 0\n")
@@ -284,8 +284,7 @@ def test_printed_classifier_snippet_of_a_multitask_run_runs(saved_tiny, example_
     import torch
 
     from mmtransfer.recipes.multitask import format_report
-    from mmtransfer.transfer import save_label_head
-    from mmtransfer.transfer import LinearHead
+    from mmtransfer.transfer import LinearHead, save_label_head
 
     save_label_head(LinearHead(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)), ["red", "green", "blue"], saved_tiny)
     summary = {"run_dir": str(saved_tiny.parent), "model_dir": str(saved_tiny), "tasks": ["captions", "labels"],

@@ -77,7 +77,7 @@ class LaunchError(RuntimeError):
     """The processes that were started are not the ones that were asked for."""
 
 
-def _launched_processes() -> int:
+def launched_processes() -> int:
     """The world size a launcher (torchrun, accelerate launch, mpirun) set in the environment; 1 without one."""
     for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
         if os.environ.get(name, "").isdigit():
@@ -85,7 +85,7 @@ def _launched_processes() -> int:
     return 1
 
 
-def _has_accelerator_device() -> bool:
+def has_accelerator_device() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
@@ -98,7 +98,7 @@ def check_launch() -> None:
     batch, so the run stops and says what to type instead.
     """
     if (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in os.environ
-            and _launched_processes() == 1):
+            and launched_processes() == 1):
         raise LaunchError(
             "accelerate launch --cpu with --num_processes > 1 started only this one process (Accelerate's CPU launcher "
             "needs mpirun for more). To train with N processes on CPUs run: torchrun --nproc_per_node N "

@@ -278,7 +278,7 @@ def plot_embeddings(panels: list[tuple[str, dict[str, Any]]], path: Path, method
     return path
 
 
-def _sample_points(feats: dict[str, dict[str, torch.Tensor]], max_points: int, seed: int) -> dict[str, Any]:
+def sample_points(feats: dict[str, dict[str, torch.Tensor]], max_points: int, seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
     for role in ("source", "target"):
@@ -288,13 +288,13 @@ def _sample_points(feats: dict[str, dict[str, torch.Tensor]], max_points: int, s
     return out
 
 
-def _save_points(points: dict[str, Any], path: Path) -> None:
+def save_points(points: dict[str, Any], path: Path) -> None:
     import numpy as np
 
     np.savez_compressed(path, **points)
 
 
-def _load_points(path: str | Path) -> dict[str, Any]:
+def load_points(path: str | Path) -> dict[str, Any]:
     import numpy as np
 
     path = Path(path)

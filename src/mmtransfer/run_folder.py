@@ -16,7 +16,7 @@ class RunFolderError(OSError):
     """The run folder cannot be created or written (a file in the way, read-only, disk full)."""
 
 
-def _folder_error(folder: Path, err: OSError, doing: str) -> RunFolderError:
+def folder_error(folder: Path, err: OSError, doing: str) -> RunFolderError:
     reason = err.strerror or str(err)
     return RunFolderError(
         f"Cannot {doing} in the run folder '{folder}': {reason}. Free some space or choose another folder with "
@@ -52,7 +52,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.replace(path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise _folder_error(path.parent, err, f"write {path.name}") from None
+        raise folder_error(path.parent, err, f"write {path.name}") from None
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -27,13 +27,13 @@ from torch import nn
 
 from . import checkpoint
 from .config import FRACTION, Range, at_least, check_ranges, to_dict
-from .distributed import _has_accelerator_device, _launched_processes, check_launch
+from .distributed import check_launch, has_accelerator_device, launched_processes
 from .evaluate import plot_curves
 from .objectives.base import StepInfo, TaskOutput
 from .run_folder import (
     CHECKPOINT_PREFIX,
     SUMMARY_FILE,
-    _folder_error,
+    folder_error,
     list_checkpoints,
     prepare_run_folder,
     read_metrics,
@@ -213,7 +213,7 @@ def make_accelerator(config: TrainConfig) -> Any:
     accelerator = Accelerator(
         # Under torchrun without a GPU, Accelerate would treat every process as a lone main process
         # (each logging, each writing the run folder) unless ACCELERATE_USE_CPU is set: say it here.
-        cpu=_launched_processes() > 1 and not _has_accelerator_device(),
+        cpu=launched_processes() > 1 and not has_accelerator_device(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
         log_with=trackers or None,
@@ -327,7 +327,7 @@ class Trainer:
         if acc.reduce(failed, "sum").item():
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise _folder_error(final.parent, error or OSError("another process could not write"), "write a checkpoint")
+            raise folder_error(final.parent, error or OSError("another process could not write"), "write a checkpoint")
         if acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -379,7 +379,7 @@ class Trainer:
                 with open(self.run_dir / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(record) + "\n")
             except OSError as err:
-                raise _folder_error(self.run_dir, err, "append to metrics.jsonl") from None
+                raise folder_error(self.run_dir, err, "append to metrics.jsonl") from None
 
     def _global_means(self, running: dict[str, list[float]]) -> dict[str, float]:
         """Each metric's mean over the logging window and over every process.
@@ -537,7 +537,7 @@ class Trainer:
                 try:
                     self._export(acc.unwrap_model(self.task), model_dir)
                 except OSError as err:
-                    raise _folder_error(self.run_dir, err, "export the model") from None
+                    raise folder_error(self.run_dir, err, "export the model") from None
             plot = plot_curves(self.records, self.run_dir / "curves.png")
             summary = {
                 "steps": self.state.step,

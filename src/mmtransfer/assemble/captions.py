@@ -107,18 +107,18 @@ def caption_templates(section: CaptionDataSection) -> tuple[str, ...] | None:
         raise ConfigError(f'{err} Or use data.caption_templates=default for the zero-shot templates.') from None
 
 
-def caption_texts(splits: dict[str, "_Split"], templates: Sequence[str] | None, train: str = "train") -> list[str]:
+def caption_texts(splits: dict[str, "Split"], templates: Sequence[str] | None, train: str = "train") -> list[str]:
     """Every text the caption splits can feed the text tower: the training split's in each template's form."""
     from ..data.collate import templated
 
     return [t for name, s in splits.items() for caps in s.captions for t in templated(caps, templates if name == train else None)]
 
 
-def _captions(dataset: Any) -> list[list[str]]:
+def captions_of(dataset: Any) -> list[list[str]]:
     return [list(c) if not isinstance(c, str) else [c] for c in dataset.select_columns(["captions"])["captions"]]
 
 
-class _CaptionLoader:
+class CaptionLoader:
     """Every caption of every image: batches of input_ids, attention_mask and image_index (the owner),
     plus text_pooled/text_tokens when the text tower's features are cached."""
 
@@ -149,7 +149,7 @@ class _CaptionLoader:
 
 
 @dataclass
-class _Split:
+class Split:
     """One data split, ready for training or evaluation."""
 
     name: str
@@ -159,7 +159,7 @@ class _Split:
     augmented_feats: list[Any] = field(default_factory=list)  # augmented copies (training split)
 
 
-def load_split(name: str, section: DataConfig, reports: dict[str, Any]) -> _Split:
+def load_split(name: str, section: DataConfig, reports: dict[str, Any]) -> Split:
     """Load one data section with row ids 0..N-1 (and its captions, when it has them); its report goes into ``reports``."""
     from .. import data as mmdata
     from ..features import with_row_ids
@@ -167,7 +167,7 @@ def load_split(name: str, section: DataConfig, reports: dict[str, Any]) -> _Spli
     loaded = mmdata.load_with_report(section)
     reports[name] = loaded.report
     ds = with_row_ids(loaded.dataset)
-    split = _Split(name, ds, _captions(ds) if "captions" in ds.column_names else [])
+    split = Split(name, ds, captions_of(ds) if "captions" in ds.column_names else [])
     logger.info("%s: %d images, %d captions (%s)", name, len(ds), sum(map(len, split.captions)), section.name)
     return split
 
@@ -207,7 +207,7 @@ def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool) -> Fea
     return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder)
 
 
-def cache_image_features(model: Any, split: _Split, plan: FeaturePlan, augment: AugmentConfig, seed: int,
+def cache_image_features(model: Any, split: Split, plan: FeaturePlan, augment: AugmentConfig, seed: int,
                          batch_size: int, progress: bool, train: bool = False, keep_tokens: bool | None = None) -> None:
     """Fill ``split.image_feats`` (and, for a training split, its augmented copies) from the frozen image tower."""
     from .. import data as mmdata
@@ -245,7 +245,7 @@ def cache_text_features(model: Any, texts: Any, plan: FeaturePlan, progress: boo
     return text_features(model.text_encoder, unique, keep_tokens=tokens, cache_dir=plan.folder, progress=progress), rows
 
 
-def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
+def caption_collator(model: Any, split: Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
                      train: bool, seed: int, templates: Sequence[str] | None = None) -> Any:
     """Positions (or ``(position, draw)`` pairs) of ``split`` -> caption batches from its cached image features."""
     from ..features import CachedCaptionCollator
@@ -257,7 +257,7 @@ def caption_collator(model: Any, split: _Split, plan: FeaturePlan, text_cache: A
                                  model.text_encoder.config.max_length, train=train, seed=seed, labels=labels, templates=templates)
 
 
-def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
+def retrieval_loaders(model: Any, split: Split, plan: FeaturePlan, text_cache: Any, text_rows: dict[str, int],
                       batch_size: int, seed: int) -> dict[str, Any]:
     """``<split>/images`` and ``<split>/captions`` loaders for :func:`~mmtransfer.objectives.evaluate_retrieval`."""
     from .. import data as mmdata
@@ -268,7 +268,7 @@ def retrieval_loaders(model: Any, split: _Split, plan: FeaturePlan, text_cache: 
         images = torch.utils.data.DataLoader(positions, batch_size=batch_size, collate_fn=collate)
     else:
         images = mmdata.make_loader(split.dataset, mmdata.ImageCollator(model.preprocessor), batch_size)
-    captions = _CaptionLoader(split.captions, model.tokenizer, model.text_encoder.config.max_length,
+    captions = CaptionLoader(split.captions, model.tokenizer, model.text_encoder.config.max_length,
                               text_cache, text_rows).dataloader(batch_size)
     return {f"{split.name}/images": images, f"{split.name}/captions": captions}
 

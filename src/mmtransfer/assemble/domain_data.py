@@ -73,7 +73,7 @@ def _labels(dataset: Any) -> torch.Tensor:
     return torch.tensor(dataset.select_columns(["label"])["label"], dtype=torch.long)
 
 
-def _class_names(dataset: Any, what: str) -> list[str]:
+def class_names_of(dataset: Any, what: str) -> list[str]:
     feature = dataset.features.get("label")
     names = getattr(feature, "names", None)
     if not names:
@@ -81,7 +81,7 @@ def _class_names(dataset: Any, what: str) -> list[str]:
     return list(names)
 
 
-def _subset(dataset: Any, limit: int | None, seed: int) -> Any:
+def subset(dataset: Any, limit: int | None, seed: int) -> Any:
     if limit is None or len(dataset) <= limit:
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit))
@@ -110,12 +110,12 @@ def collect(loader: Any, embed: Callable[[dict[str, Any]], dict[str, torch.Tenso
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels).float().mean())
 
 
 @dataclass
-class _Sources:
+class Sources:
     """The labelled source domains: each one's data set, their concatenation, and per-row values.
 
     Shapes:
@@ -190,7 +190,7 @@ class RowValues:
         return batch
 
 
-def _with_rows(collate: Any, sources: _Sources) -> Any:
+def with_rows(collate: Any, sources: Sources) -> Any:
     values = sources.row_values()
     return RowValues(collate, values) if values else collate
 
@@ -234,7 +234,7 @@ def pool_sources(parts: list[Any], names: list[str], need_labels: bool = True) -
     return pooled, domain
 
 
-def _check_loaders(bs: int, **loaders: Any) -> None:
+def check_loaders(bs: int, **loaders: Any) -> None:
     for role, loader in loaders.items():
         if loader is not None and len(loader) == 0:
             raise ConfigError(f"The {role} data has fewer images than one batch of {bs}: lower train.batch_size.")
@@ -251,7 +251,7 @@ def labels_and_names(dataset: Any) -> tuple[torch.Tensor, list[str]]:
         (tensor([1, 0, 1]), ['cat face', 'grinning face'])
     """
     if "label" in dataset.column_names:
-        return _labels(dataset), _class_names(dataset, "evaluation")
+        return _labels(dataset), class_names_of(dataset, "evaluation")
     if "captions" not in dataset.column_names:
         raise ConfigError(f"This evaluation set has neither a 'label' nor a 'captions' column ({', '.join(dataset.column_names)}).")
     firsts = [(c if isinstance(c, str) else c[0]) for c in dataset.select_columns(["captions"])["captions"]]
@@ -283,7 +283,7 @@ def zero_shot_candidates(evals: dict[str, Any]) -> tuple[list[str], dict[str, to
     return candidates, mapped
 
 
-class _MappedLabels:
+class MappedLabels:
     """Adds ``labels`` (positions among the zero-shot candidates, by row) to an image collator's batches."""
 
     def __init__(self, collate: Any, labels: torch.Tensor) -> None:

@@ -15,19 +15,19 @@ from typing import Any
 
 import torch
 
-from ..evaluate import _load_points, _sample_points, _save_points, plot_embeddings
+from ..evaluate import load_points, plot_embeddings, sample_points, save_points
 from .domain_data import (
     collect,
 )
 from .domains import (
     AdaptConfig,
     TaskFactory,
-    _build_classify,
-    _build_multimodal,
     _fast_dev,
-    _load_sets,
-    _source_weights,
+    build_classify,
+    build_multimodal,
     check_config,
+    load_sets,
+    source_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ def fit_domain_run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: Task
     check_config(cfg)
     started = time.perf_counter()
     accelerator = make_accelerator(cfg.train)
-    sets, reports, sources = _load_sets(cfg, accelerator)
-    reweight = _source_weights(cfg, accelerator, sets, sources)
-    built = (_build_classify if cfg.task == "classify" else _build_multimodal)(cfg, accelerator, sets, sources, make_task)
+    sets, reports, sources = load_sets(cfg, accelerator)
+    reweight = source_weights(cfg, accelerator, sets, sources)
+    built = (build_classify if cfg.task == "classify" else build_multimodal)(cfg, accelerator, sets, sources, make_task)
     if accelerator.is_main_process:
         n_train = sum(p.numel() for p in built.task.parameters() if p.requires_grad)
         logger.info("Task %s, method %s: %s trainable parameters.", cfg.task, cfg.method.name, f"{n_train:,}")
@@ -92,7 +92,7 @@ def fit_domain_run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: Task
         with torch.no_grad(), accelerator.autocast():
             feats = {role: collect(trainer.eval_loaders[role], task.embed, accelerator) for role in ("source", "target")}
         task.train(was_training)
-        return _sample_points(feats, cfg.plot.max_points, cfg.train.seed)
+        return sample_points(feats, cfg.plot.max_points, cfg.train.seed)
 
     before = points() if cfg.plot.before is None else None
     result = trainer.fit()
@@ -113,13 +113,13 @@ def fit_domain_run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: Task
                     "(a run without it ends the same). Raise method.weight (the loss's scale depends on the features: "
                     "log train/transfer_loss) or drop the method.", cfg.method.name, share)
         if after is not None:
-            _save_points(after, run_dir / "embeddings_final.npz")
+            save_points(after, run_dir / "embeddings_final.npz")
             if before is not None:
-                _save_points(before, run_dir / "embeddings_step0.npz")
+                save_points(before, run_dir / "embeddings_step0.npz")
                 panels = [("step 0", before), (f"after {result.step} steps ({cfg.method.name})", after)]
             else:
                 where = "/".join(Path(cfg.plot.before).parent.parts[-2:])
-                panels = [(f"before adaptation ({where})", _load_points(cfg.plot.before)),
+                panels = [(f"before adaptation ({where})", load_points(cfg.plot.before)),
                           (f"after adaptation ({cfg.method.name})", after)]
             summary["embedding_plot"] = str(plot_embeddings(panels, run_dir / "embeddings.png", cfg.plot.method, cfg.train.seed))
         summary["minutes"] = round((time.perf_counter() - started) / 60, 2)

@@ -24,20 +24,20 @@ from ..train import OptimConfig, TrainConfig
 from .captions import FreezeConfig
 from .domain_data import (
     CachedImages,
+    MappedLabels,
+    Sources,
     TensorBatches,
     WithoutLabels,
-    _accuracy,
-    _check_loaders,
-    _class_names,
     _labels,
     _loader,
-    _MappedLabels,
-    _Sources,
-    _subset,
-    _with_rows,
+    accuracy,
+    check_loaders,
+    class_names_of,
     collect,
     pool_sources,
     preprocess_all,
+    subset,
+    with_rows,
     zero_shot_candidates,
 )
 from .fast_dev import fast_dev_slice
@@ -228,7 +228,7 @@ TaskFactory = Callable[[nn.Module, Any], nn.Module]
 
 
 @dataclass
-class _Built:
+class Built:
     """What the two tasks hand to the trainer."""
 
     task: nn.Module
@@ -249,7 +249,7 @@ def _fast_dev(cfg: AdaptConfig) -> None:
     cfg.reweight.folds = min(cfg.reweight.folds, 3)
 
 
-def _load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict[str, Any], _Sources]:
+def load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict[str, Any], Sources]:
     from .. import data as mmdata
 
     sets: dict[str, Any] = {}
@@ -268,26 +268,26 @@ def _load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict
     names = [f"{s.name}:{s.split}" if s.split else s.name for s in sources]
     pooled, domain = pool_sources(parts, names, need_labels=cfg.task == "classify")
     sets["source"] = pooled
-    return sets, reports, _Sources(parts, names, pooled, domain)
+    return sets, reports, Sources(parts, names, pooled, domain)
 
 
-def _eval_sets(cfg: AdaptConfig, sets: dict[str, Any]) -> dict[str, Any]:
+def eval_sets(cfg: AdaptConfig, sets: dict[str, Any]) -> dict[str, Any]:
     """Evaluation sets named by domain: 'source' (source_test or the source images) and 'target' (target_test)."""
-    out = {"source": _subset(sets.get("source_test", sets["source"]), cfg.data.max_eval_samples, cfg.train.seed)}
+    out = {"source": subset(sets.get("source_test", sets["source"]), cfg.data.max_eval_samples, cfg.train.seed)}
     if "target_test" in sets:
-        out["target"] = _subset(sets["target_test"], cfg.data.max_eval_samples, cfg.train.seed)
+        out["target"] = subset(sets["target_test"], cfg.data.max_eval_samples, cfg.train.seed)
     return out
 
 
-def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources,
-                    make_task: TaskFactory | None = None) -> _Built:
+def build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: Sources,
+                    make_task: TaskFactory | None = None) -> Built:
     from ..data.collate import LabelCollator, PairedLoader, make_loader
     from ..features import with_row_ids
 
-    names = _class_names(sets["source"], "source")
+    names = class_names_of(sets["source"], "source")
     for key in ("target_test", "source_test"):
         if key in sets:
-            other = _class_names(sets[key], key)
+            other = class_names_of(sets[key], key)
             if other != names:
                 raise ConfigError(
                     f"data.{key} has classes {other[:5]}... but the source has {names[:5]}...: both must list the same "
@@ -298,7 +298,7 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
             ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target="target" in sets))
     pre = model.preprocessor
     bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
-    evals = _eval_sets(cfg, sets)
+    evals = eval_sets(cfg, sets)
     items = sources.items(cfg.data.balance_sources, seed)
     in_memory = cfg.data.in_memory and not cfg.data.augment.enabled
     progress = accelerator.is_local_main_process and cfg.train.progress_bar
@@ -310,7 +310,7 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
         for name, ds in ([("target", sets["target"])] if "target" in sets else []) + [(f"eval/{k}", v) for k, v in evals.items()]:
             pixels[name] = preprocess_all(ds, pre, progress=progress)
         logger.info("Preprocessed %d images into memory in %.1f s.", sum(len(p) for p in pixels.values()), time.perf_counter() - started)
-        source = _loader(items, _with_rows(TensorBatches(pixels["source"], _labels(sets["source"])), sources), bs, True, seed, True)
+        source = _loader(items, with_rows(TensorBatches(pixels["source"], _labels(sets["source"])), sources), bs, True, seed, True)
         if "target" in sets:
             target = _loader(list(range(len(sets["target"]))), TensorBatches(pixels["target"], None), bs, True, seed + 1, True)
         eval_loaders = {k: _loader(list(range(len(v))), TensorBatches(pixels[f"eval/{k}"], _labels(v)), ebs, False, seed, False)
@@ -322,18 +322,18 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
         if sources.row_values() or len(items) != len(source_ds):
             source_ds = with_row_ids(source_ds)
             source_ds = source_ds if len(items) == len(source_ds) else source_ds.select(items)
-        source = make_loader(source_ds, _with_rows(LabelCollator(pre, train=True, augment=aug), sources), bs, shuffle=True, seed=seed,
+        source = make_loader(source_ds, with_rows(LabelCollator(pre, train=True, augment=aug), sources), bs, shuffle=True, seed=seed,
                              num_workers=nw, drop_last=True)
         if "target" in sets:
             target = make_loader(sets["target"], WithoutLabels(LabelCollator(pre, train=True, augment=aug, require_labels=False)),
                                  bs, shuffle=True, seed=seed + 1, num_workers=nw, drop_last=True)
         eval_loaders = {k: make_loader(v, LabelCollator(pre), ebs, num_workers=nw) for k, v in evals.items()}
-    _check_loaders(bs, source=source, target=target)
+    check_loaders(bs, source=source, target=target)
     train_loader = PairedLoader(source, target, steps="max", seed=seed)
 
     def evaluate(task: ClassifyAdaptTask, acc: Any, loaders: dict[str, Any]) -> dict[str, float]:
         feats = {name: collect(loader, task.embed, acc) for name, loader in loaders.items()}
-        out = {f"{name}_acc": _accuracy(f["logits"], f["labels"]) for name, f in feats.items()}
+        out = {f"{name}_acc": accuracy(f["logits"], f["labels"]) for name, f in feats.items()}
         if "source" in feats and "target" in feats:
             dacc = task.domain_accuracy(feats["source"], feats["target"])
             if dacc is not None:
@@ -342,14 +342,14 @@ def _build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
 
     info = {"num_classes": len(names), "class_names": names, "parameters": sum(p.numel() for p in model.parameters()),
             "preprocess": to_dict(model.preprocess), "in_memory": in_memory, "sources": sources.names}
-    return _Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
+    return Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
 
 
-def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources,
-                      make_task: TaskFactory | None = None) -> _Built:
+def build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: Sources,
+                      make_task: TaskFactory | None = None) -> Built:
     from ..data.collate import CaptionCollator, ImageCollator, PairedLoader, make_loader
     from ..features import CachedCaptionCollator, CachedFeatures, image_features, with_row_ids
-    from .captions import _captions, build_model
+    from .captions import build_model, captions_of
 
     mm = cfg.multimodal
     model = build_model(mm)  # the caption recipe's model and freezing policy (the section has the same keys)
@@ -360,15 +360,15 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
         raise ConfigError("task=multimodal trains on source captions, but data.source has no 'captions' column.")
     source_ds = with_row_ids(sets["source"])
     target_ds = with_row_ids(sets["target"]) if has_target else None
-    evals = {k: with_row_ids(v) for k, v in _eval_sets(cfg, sets).items()}
-    captions = _captions(source_ds)
+    evals = {k: with_row_ids(v) for k, v in eval_sets(cfg, sets).items()}
+    captions = captions_of(source_ds)
     items = sources.items(cfg.data.balance_sources, cfg.train.seed)
     image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
     text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
     cache = cfg.data.cache_features and image_frozen and not cfg.data.augment.enabled
     keep_tokens = task.where == "fused"
     bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
-    feature_dir = _feature_dir(cfg)
+    feature_dir = feature_folder(cfg)
     progress = accelerator.is_local_main_process and cfg.train.progress_bar
 
     # Zero-shot candidates: every class that occurs in an evaluation set (e.g. the unseen emoji).
@@ -397,7 +397,7 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
     if cache:
         src_collate = CachedCaptionCollator(feats["source"], captions, text_cache, text_rows, model.tokenizer,
                                             model.text_encoder.config.max_length, train=True, seed=seed)
-        source = _loader(items, _with_rows(src_collate, sources), bs, True, seed, True)
+        source = _loader(items, with_rows(src_collate, sources), bs, True, seed, True)
         if has_target:
             target = _loader(list(range(len(target_ds))), CachedImages(feats["target"]), bs, True, seed + 1, True)
         eval_loaders = {k: _loader(list(range(len(v))), CachedImages(feats[f"eval/{k}"], eval_labels[k]), ebs, False, seed, False)
@@ -406,14 +406,14 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
     else:
         nw = cfg.train.num_workers
         train_ds = source_ds if len(items) == len(source_ds) else source_ds.select(items)
-        source = make_loader(train_ds, _with_rows(CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=seed), sources),
+        source = make_loader(train_ds, with_rows(CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=seed), sources),
                              bs, shuffle=True, seed=seed, num_workers=nw, drop_last=True)
         if has_target:
             target = make_loader(target_ds, WithoutLabels(ImageCollator(model.preprocessor.with_augment(cfg.data.augment))),
                                  bs, shuffle=True, seed=seed + 1, num_workers=nw, drop_last=True)
-        eval_loaders = {k: make_loader(v, _MappedLabels(ImageCollator(model.preprocessor), eval_labels[k]), ebs, num_workers=nw)
+        eval_loaders = {k: make_loader(v, MappedLabels(ImageCollator(model.preprocessor), eval_labels[k]), ebs, num_workers=nw)
                         for k, v in evals.items()}
-    _check_loaders(bs, source=source, target=target)
+    check_loaders(bs, source=source, target=target)
     train_loader = PairedLoader(source, target, steps="max", seed=seed)
 
     def class_embeddings(task: MultimodalAdaptTask) -> torch.Tensor:
@@ -425,7 +425,7 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
     def evaluate(task: MultimodalAdaptTask, acc: Any, loaders: dict[str, Any]) -> dict[str, float]:
         zc = class_embeddings(task).float().cpu()  # (K, E)
         feats_ = {name: collect(loader, task.embed, acc) for name, loader in loaders.items()}
-        out = {f"{name}_acc": _accuracy(f["features"] @ zc.T, f["labels"]) for name, f in feats_.items()}  # (N, E) @ (E, K)
+        out = {f"{name}_acc": accuracy(f["features"] @ zc.T, f["labels"]) for name, f in feats_.items()}  # (N, E) @ (E, K)
         if "source" in feats_ and "target" in feats_:
             dacc = task.domain_accuracy(feats_["source"], feats_["target"])
             if dacc is not None:
@@ -433,7 +433,7 @@ def _build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], 
         return out
 
     info = {"zero_shot_classes": len(class_names), "feature_cache": bool(cache), "sources": sources.names}
-    return _Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
+    return Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
 
 
 def _frozen_text(model: Any, captions: list[list[str]], candidate_names: list[str], keep_tokens: bool, feature_dir: Path | None,
@@ -448,7 +448,7 @@ def _frozen_text(model: Any, captions: list[list[str]], candidate_names: list[st
     return cache, rows, names
 
 
-def _feature_dir(cfg: AdaptConfig) -> Path | None:
+def feature_folder(cfg: AdaptConfig) -> Path | None:
     if not cfg.data.persist_features:
         return None
     from ..data.config import cache_root
@@ -478,7 +478,7 @@ def ratio_features(cfg: AdaptConfig, dataset: Any, progress: bool = False) -> to
 
         encoder = ImageEncoder.from_config(ImageEncoderConfig(name=r.encoder, pretrained=True))
         loader = make_loader(ds, ImageCollator(encoder.preprocessor), cfg.data.eval_batch_size)
-        return image_features(encoder, loader, len(ds), keep_tokens=False, cache_dir=_feature_dir(cfg),
+        return image_features(encoder, loader, len(ds), keep_tokens=False, cache_dir=feature_folder(cfg),
                               data_key=f"{ds._fingerprint}", progress=progress, desc="features for the density ratio").pooled
     folder = Path(str(r.model_dir))
     if (folder / "classifier.json").is_file():
@@ -502,7 +502,7 @@ def importance_weights(cfg: AdaptConfig, source: Any, target: Any, progress: boo
     r = cfg.reweight
     started = time.perf_counter()
     f_s = ratio_features(cfg, source, progress)
-    target = _subset(target, r.max_target, cfg.train.seed)
+    target = subset(target, r.max_target, cfg.train.seed)
     f_t = ratio_features(cfg, target, progress)
     if r.method == "classifier":
         options: dict[str, Any] = {"l2_grid": list(r.l2_grid), "folds": r.folds, "calibrate": r.calibrate, "pca_dim": r.pca_dim}
@@ -514,7 +514,7 @@ def importance_weights(cfg: AdaptConfig, source: Any, target: Any, progress: boo
     return iw
 
 
-def _source_weights(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: _Sources) -> dict[str, Any] | None:
+def source_weights(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: Sources) -> dict[str, Any] | None:
     """Compute (or, on resume, restore) the source weights, put them on ``sources`` and return their summary.
 
     The weights are estimated once, on the main process, and written to the run
@@ -547,7 +547,7 @@ def _source_weights(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], so
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"weights": iw.weights.contiguous(), "ratio": iw.ratio.contiguous()}, str(tmp), metadata=meta)
             tmp.rename(path)
-            names = _class_names(sources.pooled, "source") if labels is not None else None
+            names = class_names_of(sources.pooled, "source") if labels is not None else None
             plot_weights(iw, run_dir / "source_weights.png", labels, names, r.clip_max)
             logger.info("Importance weights (%s on %s features, %.0f s): min %.3f, max %.2f, ESS %.0f of %d (%.0f%%).",
                         iw.method, r.features, iw.info["seconds"], stats["min"], stats["max"], stats["ess"], n, 100 * stats["ess_fraction"])

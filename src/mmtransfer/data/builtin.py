@@ -140,7 +140,7 @@ def _build_digits(name: str, path: Path, spec: DigitSet) -> tuple["DatasetDict",
             if labels.min() < 0 or labels.max() > 9:
                 raise DataError(f"{path}: '{label_key}' holds labels outside 0-9 ({labels.min()}..{labels.max()}).")
             records = encode_arrays(archive[image_key], labels, DIGIT_NAMES, path, name)
-            records.pop("_class_names")
+            records.pop("class_names_of")
             parts[split] = Dataset.from_dict(records, features=standard_features(True, DIGIT_NAMES))
     info = {"kind": name, "file": str(path), "rows": {s: len(d) for s, d in parts.items()}}
     return DatasetDict(parts), info

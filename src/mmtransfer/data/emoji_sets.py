@@ -241,12 +241,12 @@ def _processes(num_proc: int | None, n_items: int) -> int:
 
 def _run(font: EmojiFont, entries: list[EmojiEntry], canvas: int, render: bool, progress: bool | None, desc: str, num_proc: int | None) -> list[tuple[str | None, list[bytes]]]:
     """``_work`` over all entries, in order, in one process or a pool of forked ones."""
-    from .finish import _progress
+    from .finish import progress_bar
 
     chars = [e.char for e in entries]
     chunk = 48
     tasks = [(str(font.path), font.size, font.label, chars[i : i + chunk], canvas, render) for i in range(0, len(chars), chunk)]
-    bar = _progress(len(chars), progress, desc)
+    bar = progress_bar(len(chars), progress, desc)
     results: list[tuple[str | None, list[bytes]]] = []
     procs = _processes(num_proc, len(chars))
     try:

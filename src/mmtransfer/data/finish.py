@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import DataConfig, DataError
 from .report import DataReport, Problem
-from .staging import Staged, _column
+from .staging import Staged, column_values
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -42,7 +42,7 @@ def scan_images(staged: Staged, verify: str, progress: bool | None, problems: li
         return 0
     raw = ds.cast_column("image", Image(decode=False))
     n = len(raw)
-    bar = _progress(n, progress, f"Checking images of {_short(staged.source)}")
+    bar = progress_bar(n, progress, f"Checking images of {_short(staged.source)}")
     checked = 0
     try:
         for start in range(0, n, 256):
@@ -77,7 +77,7 @@ def _relative(file: str | None, staged: Staged) -> str | None:
     return file if rel.startswith("..") else rel
 
 
-def _progress(total: int, progress: bool | None, desc: str) -> Any:
+def progress_bar(total: int, progress: bool | None, desc: str) -> Any:
     show = progress if progress is not None else total > PROGRESS_ABOVE
     if not show:
         return None
@@ -156,7 +156,7 @@ def take_sample(staged: Staged, config: DataConfig) -> Staged:
     if n is None or len(ds) <= n:
         return staged
     if config.sample == "balanced" and "label" in ds.column_names:
-        return keep_rows(staged, balanced_rows(_column(ds, "label"), n, SAMPLE_SEED))
+        return keep_rows(staged, balanced_rows(column_values(ds, "label"), n, SAMPLE_SEED))
     return keep_rows(staged, range(n))
 
 
@@ -256,7 +256,7 @@ def make_report(ds: "Dataset", staged: Staged, problems: list[Problem], skipped:
 
     num_captions = 0
     if "captions" in ds.column_names:
-        num_captions = sum(len(c) for c in _column(ds, "captions"))
+        num_captions = sum(len(c) for c in column_values(ds, "captions"))
     label = ds.features.get("label")
     return DataReport(
         source=staged.source,

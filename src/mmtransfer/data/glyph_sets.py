@@ -148,11 +148,11 @@ def _png(image: "Image.Image") -> bytes:
 def _build(fonts: list[Path], classes: list[GlyphClass], progress: bool | None) -> tuple["DatasetDict", dict[str, Any]]:
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 
-    from .finish import _progress
+    from .finish import progress_bar
 
     columns: dict[str, dict[str, list[Any]]] = {s: {k: [] for k in ("image", "captions", "label", "font", "view")} for s in GLYPH_SPLITS}
     total = sum(VIEWS[split_of_font(f)] for f in fonts) * len(classes)
-    bar = _progress(total, progress, "Rendering glyphs")
+    bar = progress_bar(total, progress, "Rendering glyphs")
     for font in fonts:
         split = split_of_font(font)
         col = columns[split]

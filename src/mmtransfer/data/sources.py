@@ -35,12 +35,12 @@ from .staging import (
     RootFence,
     Staged,
     _captions_of,
-    _column,
     _is_candidate_image,
     _is_missing,
     _Labels,
     _pick_column,
     _records_to_dataset,
+    column_values,
     readable_name,
     standard_features,
 )
@@ -238,7 +238,7 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
         captions: list[list[str]] = [[] for _ in range(n)]
         caption_issues: dict[int, list[str]] = {}
         for col in caption_cols:
-            for i, value in enumerate(_column(ds, col)):
+            for i, value in enumerate(column_values(ds, col)):
                 good, bad = _captions_of(value)
                 captions[i].extend(good)
                 for reason in bad:
@@ -257,7 +257,7 @@ def standardize(ds: "Dataset", config: DataConfig, source: str, split: str | Non
         if not caption_cols:
             out = out.add_column("captions", [[class_names[j]] for j in labels], feature=List(Value("string")))
 
-    domains = [str(v) if not _is_missing(v) else source for v in _column(ds, domain_col)] if domain_col else [source] * n
+    domains = [str(v) if not _is_missing(v) else source for v in column_values(ds, domain_col)] if domain_col else [source] * n
     out = out.add_column("domain", domains, feature=Value("string"))
     out = out.add_column("image_id", list(range(n)), feature=Value("int64"))
     order = ["image", "captions", "label", "domain", "image_id"]
@@ -285,7 +285,7 @@ def _image_column(ds: "Dataset", image_col: str, config: DataConfig, base_dir: P
         # File paths: resolve relative ones and check that they exist.
         root = Path(config.image_root).expanduser() if config.image_root else base_dir
         paths = []
-        for i, value in enumerate(_column(ds, image_col)):
+        for i, value in enumerate(column_values(ds, image_col)):
             if _is_missing(value) or not str(value).strip():
                 bad_rows.setdefault(i, []).append(Problem(f"row {i}", None, f"no image file is named in column '{image_col}'", i))
                 paths.append("")
@@ -310,7 +310,7 @@ def _label_column(ds: "Dataset", label_col: str, config: DataConfig, where: str,
     from datasets import ClassLabel, Value
 
     lf = ds.features[label_col]
-    values = _column(ds, label_col)
+    values = column_values(ds, label_col)
     if isinstance(lf, ClassLabel):
         class_names = list(config.class_names) if config.class_names is not None else [readable_name(x) if x.isidentifier() else x for x in lf.names]
         if len(class_names) != lf.num_classes:
@@ -366,7 +366,7 @@ def stage_npz(path: Path, config: DataConfig, source: str, class_names: list[str
         images = archive[image_key]
         labels = archive[label_key] if label_key else None
     records = encode_arrays(images, labels, class_names or config.class_names, path, domain or source)
-    names = records.pop("_class_names")
+    names = records.pop("class_names_of")
     from datasets import Dataset
 
     ds = Dataset.from_dict(records, features=standard_features(labels is not None, names))
@@ -413,7 +413,7 @@ def encode_arrays(images: Any, labels: Any, class_names: list[str] | None, path:
         out["label"] = lab.tolist()
     out["domain"] = [domain] * len(images)
     out["image_id"] = list(range(len(images)))
-    out["_class_names"] = names
+    out["class_names_of"] = names
     return out
 
 

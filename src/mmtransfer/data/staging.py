@@ -210,7 +210,7 @@ def _records_to_dataset(records: list[dict[str, Any]], has_captions: bool, class
     return Dataset.from_dict(columns, features=standard_features(has_captions, class_names))
 
 
-def _column(ds: "Dataset", name: str) -> list[Any]:
+def column_values(ds: "Dataset", name: str) -> list[Any]:
     return ds.select_columns([name]).to_dict()[name]
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..assemble.captions import (
     FinetuneConfig,
-    _Split,
+    Split,
     build_model,
     cache_image_features,
     cache_text_features,
@@ -49,7 +49,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
 
     # Data: main process first, so built-in sets are rendered once and read by the others.
     reports: dict[str, Any] = {}
-    splits: dict[str, _Split] = {}
+    splits: dict[str, Split] = {}
     with accelerator.main_process_first():
         for name, section in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)):
             if section is not None:
@@ -103,7 +103,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _cache_features(model: Any, splits: dict[str, _Split], plan: Any, cfg: FinetuneConfig, templates: Sequence[str] | None,
+def _cache_features(model: Any, splits: dict[str, Split], plan: Any, cfg: FinetuneConfig, templates: Sequence[str] | None,
                     accelerator: Any) -> tuple[Any, dict[str, int]]:
     """Frozen towers' features of every split (and of every caption when the text tower is frozen), computed once."""
     bs, progress, train_split = cfg.data.eval_batch_size, accelerator.is_local_main_process, splits["train"]
@@ -119,7 +119,7 @@ def _cache_features(model: Any, splits: dict[str, _Split], plan: Any, cfg: Finet
     return text_cache, text_rows
 
 
-def _train_loader(model: Any, train_split: _Split, plan: Any, cfg: FinetuneConfig, text_cache: Any, text_rows: dict[str, int],
+def _train_loader(model: Any, train_split: Split, plan: Any, cfg: FinetuneConfig, text_cache: Any, text_rows: dict[str, int],
                   templates: Sequence[str] | None) -> Any:
     """Shuffled training batches: from cached features (frozen towers) or from the images themselves."""
     from .. import data as mmdata

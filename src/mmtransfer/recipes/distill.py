@@ -151,17 +151,17 @@ def teacher_accuracy(teacher: ImageClassifier, cfg: DistillConfig) -> dict[str, 
     Uses the sets and the sample limit that the student is evaluated on.
     """
     from .. import data as mmdata
-    from ..assemble.domain_data import _accuracy, _labels, preprocess_all
-    from ..assemble.domains import _eval_sets
+    from ..assemble.domain_data import _labels, accuracy, preprocess_all
+    from ..assemble.domains import eval_sets
 
     sets = {name: mmdata.load(section) for name, section in
             (("source", cfg.data.source), ("source_test", cfg.data.source_test), ("target_test", cfg.data.target_test))
             if section is not None}
     out = {}
-    for name, ds in _eval_sets(cfg, sets).items():
+    for name, ds in eval_sets(cfg, sets).items():
         pixels = preprocess_all(ds, teacher.preprocessor)  # (N, 3, S, S)
         logits = torch.cat([teacher(pixels[i:i + 512]).logits for i in range(0, len(pixels), 512)])  # (N, C)
-        out[f"{name}_acc"] = _accuracy(logits, _labels(ds))
+        out[f"{name}_acc"] = accuracy(logits, _labels(ds))
     return out
 
 
