@@ -66,7 +66,7 @@ class ClassifyDataSection:
 
 
 @dataclass
-class MethodConfig:
+class TransferMethodConfig:
     """What to do with the class names and the labelled images."""
 
     # zero-shot, linear-probe, finetune, lp-ft or wise-ft.
@@ -101,7 +101,7 @@ class ClassifyConfig:
     # A saved model folder (e.g. runs/openmoji_contrastive/model) or a preset name.
     model: str = "runs/openmoji_contrastive/model"
     data: ClassifyDataSection = field(default_factory=ClassifyDataSection)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: TransferMethodConfig = field(default_factory=TransferMethodConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/transfer_classify", max_steps=300,
                                                                    batch_size=32, trackers=[], save_every=0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, tower_lr=1e-5, warmup_steps=20))
