@@ -39,12 +39,12 @@ STUDENTS = [
 def recipe_cost(recipe: str) -> dict[str, int]:
     """Parameters and FLOPs per image of a recipe's classifier (10 classes)."""
     from mmtransfer.config import load_config
-    from mmtransfer.models.classifier import ImageClassifier
+    from mmtransfer.models.classifier import BackboneClassifier
     from mmtransfer.objectives.distill import image_cost
     from mmtransfer.recipes.distill import DistillConfig
 
     cfg = load_config(DistillConfig, ROOT / "configs" / f"{recipe}.yaml")
-    cost = image_cost(ImageClassifier(cfg.classifier, num_classes=10))
+    cost = image_cost(BackboneClassifier(cfg.classifier, num_classes=10))
     return {"parameters": cost.parameters, "flops": cost.flops}
 
 

@@ -14,7 +14,7 @@ from test_domain import _batch  # source (B, 3, 16, 16) with labels in 0..2, tar
 import mmtransfer
 from mmtransfer.config import ConfigError, load_config
 from mmtransfer.losses.distill import EmbeddingDistillLoss, KDLoss
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
+from mmtransfer.models.classifier import BackboneClassifier, ClassifierConfig
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.models.preprocess import PreprocessConfig
 from mmtransfer.objectives.base import StepInfo
@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def _classifier(channels=(4, 8), bottleneck=16, names=None, seed=0) -> ImageClassifier:
+def _classifier(channels=(4, 8), bottleneck=16, names=None, seed=0) -> BackboneClassifier:
     torch.manual_seed(seed)
     cfg = ClassifierConfig(lenet=LeNetConfig(channels=list(channels), image_size=16), bottleneck_dim=bottleneck, dropout=0.0)
-    return ImageClassifier(cfg, num_classes=3, class_names=names or ["a", "b", "c"])
+    return BackboneClassifier(cfg, num_classes=3, class_names=names or ["a", "b", "c"])
 
 
 # ----------------------------------------------------------------------------- losses
@@ -108,7 +108,7 @@ def test_load_dispatches_on_what_the_folder_holds(tmp_path, tiny_model):
     clf = _classifier()
     clf.save_pretrained(tmp_path / "clf")
     loaded = mmtransfer.load(tmp_path / "clf")
-    assert isinstance(loaded, ImageClassifier) and not loaded.training
+    assert isinstance(loaded, BackboneClassifier) and not loaded.training
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x).logits, clf.eval()(x).logits)
     tiny_model.save_pretrained(tmp_path / "mm")
@@ -220,8 +220,8 @@ def test_digits_student_is_at_least_3x_cheaper_than_its_teacher():
     student = load_config(DistillConfig, ROOT / "configs" / "distill_digits_usps_lenet_small.yaml")
     for other in ("digits_mnist_usps_small_source_only", "digits_mnist_usps_small_dann"):
         assert load_config(DistillConfig, ROOT / "configs" / f"{other}.yaml").classifier == student.classifier
-    t = image_cost(ImageClassifier(teacher.classifier, 10))
-    s = image_cost(ImageClassifier(student.classifier, 10))
+    t = image_cost(BackboneClassifier(teacher.classifier, 10))
+    s = image_cost(BackboneClassifier(student.classifier, 10))
     assert t.parameters == 432_080 and t.flops == 5_738_000
     assert t.parameters / s.parameters >= 3 and t.flops / s.flops >= 3
 
@@ -255,7 +255,7 @@ def test_missing_teacher_is_one_clear_line(tmp_path, run_script):
 def test_fast_dev_run_digits(tmp_path, run_script):
     pytest.importorskip("sklearn")
     cfg = load_config(DistillConfig, ROOT / "configs" / "digits_mnist_usps_dann.yaml")
-    ImageClassifier(cfg.classifier, 10, DIGITS).save_pretrained(tmp_path / "teacher")
+    BackboneClassifier(cfg.classifier, 10, DIGITS).save_pretrained(tmp_path / "teacher")
     run = tmp_path / "run"
     out = run_script("scripts/distill.py", "--config", "configs/distill_digits_usps_lenet_small.yaml", "--fast-dev-run",
                      f"teacher={tmp_path / 'teacher'}", f"train.output_dir={run}").stdout
@@ -267,10 +267,10 @@ def test_fast_dev_run_digits(tmp_path, run_script):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("train/kd_loss" in r and "train/cls_loss" in r for r in records)
     student = mmtransfer.load(run / "model")
-    assert isinstance(student, ImageClassifier) and student.config.lenet.channels == [10, 20]
+    assert isinstance(student, BackboneClassifier) and student.config.lenet.channels == [10, 20]
     # Teacher classes in another order: one clear line.
     names = DIGITS[1:] + DIGITS[:1]
-    ImageClassifier(cfg.classifier, 10, names).save_pretrained(tmp_path / "shuffled")
+    BackboneClassifier(cfg.classifier, 10, names).save_pretrained(tmp_path / "shuffled")
     proc = run_script("scripts/distill.py", "--config", "configs/distill_digits_usps_lenet_small.yaml", "--fast-dev-run",
                       f"teacher={tmp_path / 'shuffled'}", f"train.output_dir={tmp_path / 'run2'}", check=False)
     assert proc.returncode == 2 and "different order" in proc.stderr and "Traceback" not in proc.stderr

@@ -24,7 +24,7 @@ from mmtransfer.losses.domain import (
     RandomizedMultilinearMap,
     grad_reverse,
 )
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
+from mmtransfer.models.classifier import BackboneClassifier, ClassifierConfig
 from mmtransfer.models.lenet import LeNet, LeNetConfig
 from mmtransfer.objectives.base import StepInfo
 from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, MultimodalAdaptTask, grl_lambda
@@ -38,9 +38,9 @@ TINY_LENET = LeNetConfig(channels=[4, 8], image_size=16)
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
-def _tiny_classifier(**changes) -> ImageClassifier:
+def _tiny_classifier(**changes) -> BackboneClassifier:
     cfg = ClassifierConfig(lenet=TINY_LENET, bottleneck_dim=16, dropout=0.0, **changes)
-    return ImageClassifier(cfg, num_classes=3)
+    return BackboneClassifier(cfg, num_classes=3)
 
 
 def _batch(B: int = 8, size: int = 16, seed: int = 0) -> dict:
@@ -213,11 +213,11 @@ def test_classifier_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     model = _tiny_classifier().eval()
     model.save_pretrained(tmp_path / "clf")
-    loaded = ImageClassifier.from_pretrained(tmp_path / "clf")
+    loaded = BackboneClassifier.from_pretrained(tmp_path / "clf")
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(model(x).logits, loaded(x).logits)
     with pytest.raises(FileNotFoundError, match="no saved image classifier"):
-        ImageClassifier.from_pretrained(tmp_path)
+        BackboneClassifier.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("features", ["embedding", "fused"])

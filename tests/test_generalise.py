@@ -18,7 +18,7 @@ from mmtransfer.losses.domain import (
     MultipleKernelMMD,
     PairwiseDomainLoss,
 )
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
+from mmtransfer.models.classifier import BackboneClassifier, ClassifierConfig
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.objectives.base import StepInfo
 from mmtransfer.objectives.domain import ClassifyAdaptTask, DiscriminatorConfig, MethodConfig, MultimodalAdaptTask
@@ -26,8 +26,8 @@ from mmtransfer.objectives.domain import ClassifyAdaptTask, DiscriminatorConfig,
 SYMBOLA = Path("/usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf")
 
 
-def _tiny_classifier() -> ImageClassifier:
-    return ImageClassifier(ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=16, dropout=0.0), 3)
+def _tiny_classifier() -> BackboneClassifier:
+    return BackboneClassifier(ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=16, dropout=0.0), 3)
 
 
 # ----------------------------------------------------------------------------- losses

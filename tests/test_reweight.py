@@ -20,7 +20,7 @@ from mmtransfer.losses.reweight import (
     plot_weights,
     weight_stats,
 )
-from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
+from mmtransfer.models.classifier import BackboneClassifier, ClassifierConfig
 from mmtransfer.models.lenet import LeNetConfig
 from mmtransfer.objectives.base import StepInfo
 from mmtransfer.objectives.domain import ClassifyAdaptTask, MethodConfig, weighted_mean
@@ -121,7 +121,7 @@ def test_weight_plot_is_written(tmp_path):
 
 def test_weighted_cross_entropy_in_the_classify_task():
     torch.manual_seed(0)
-    model = ImageClassifier(ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=16, dropout=0.0), 3).eval()
+    model = BackboneClassifier(ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=16, dropout=0.0), 3).eval()
     task = ClassifyAdaptTask(model, MethodConfig(name="none"))
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
     w = torch.tensor([0.0, 1.0, 2.0, 0.5, 0.5, 2.0])
@@ -289,7 +289,7 @@ def test_ratio_features_from_pixels_and_from_a_saved_classifier(tmp_path):
     cfg = AdaptConfig()
     cfg.reweight.pixel_size = 8
     assert ratio_features(cfg, ds).shape == (6, 3 * 8 * 8)
-    clf = ImageClassifier(ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=8), 2)
+    clf = BackboneClassifier(ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=8), 2)
     clf.save_pretrained(tmp_path / "clf")
     cfg.reweight.features, cfg.reweight.model_dir = "model", str(tmp_path / "clf")
     assert ratio_features(cfg, ds).shape == (6, 8)  # the bottleneck

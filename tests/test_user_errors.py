@@ -135,11 +135,11 @@ def test_truncated_file_of_a_saved_model_is_named(saved_tiny, broken, problem):
 
 def test_truncated_classifier_weights_are_named(tmp_path):
     import mmtransfer
-    from mmtransfer.models.classifier import ClassifierConfig, ImageClassifier
+    from mmtransfer.models.classifier import BackboneClassifier, ClassifierConfig
     from mmtransfer.models.lenet import LeNetConfig
 
     config = ClassifierConfig(lenet=LeNetConfig(channels=[4, 8], image_size=16), bottleneck_dim=8)
-    folder = ImageClassifier(config, num_classes=3).save_pretrained(tmp_path / "clf")
+    folder = BackboneClassifier(config, num_classes=3).save_pretrained(tmp_path / "clf")
     _truncate(folder / "model.safetensors")
     with pytest.raises(mmtransfer.ModelFileError, match="^" + re.escape(f"'{folder / 'model.safetensors'}' is truncated")):
         mmtransfer.load(folder)

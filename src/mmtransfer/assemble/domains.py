@@ -17,7 +17,7 @@ from torch import nn
 from ..config import ConfigError, ImageEncoderConfig, ModelConfig, at_least, check_ranges, to_dict
 from ..data.config import DataConfig
 from ..losses.reweight import ImportanceWeights
-from ..models.classifier import ClassifierConfig, ImageClassifier
+from ..models.classifier import BackboneClassifier, ClassifierConfig
 from ..models.preprocess import AugmentConfig, ImagePreprocessor
 from ..objectives.domain import ClassifyAdaptTask, MethodConfig, MultimodalAdaptTask
 from ..train import OptimConfig, TrainConfig
@@ -116,7 +116,7 @@ class ReweightConfig:
     # Features the ratio is estimated on: "pixels" (each image shrunk to pixel_size and
     # flattened: fine for digits and a LeNet trained from scratch), "encoder" (the pooled
     # features of the pretrained image encoder named in `encoder`), or "model" (a saved
-    # model's features, from model_dir: an ImageClassifier's bottleneck, or a
+    # model's features, from model_dir: an BackboneClassifier's bottleneck, or a
     # MultimodalModel's image embedding).
     features: Literal["pixels", "encoder", "model"] = "pixels"
     # features=pixels: side of the shrunk images.
@@ -293,7 +293,7 @@ def build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sou
                     f"data.{key} has classes {other[:5]}... but the source has {names[:5]}...: both must list the same "
                     "classes in the same order (set class_names on the data sections)."
                 )
-    model = ImageClassifier(cfg.classifier, len(names), names)
+    model = BackboneClassifier(cfg.classifier, len(names), names)
     task = (make_task(model, accelerator) if make_task else
             ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target="target" in sets))
     pre = model.preprocessor
@@ -482,7 +482,7 @@ def ratio_features(cfg: AdaptConfig, dataset: Any, progress: bool = False) -> to
                               data_key=f"{ds._fingerprint}", progress=progress, desc="features for the density ratio").pooled
     folder = Path(str(r.model_dir))
     if (folder / "classifier.json").is_file():
-        clf = ImageClassifier.from_pretrained(folder)
+        clf = BackboneClassifier.from_pretrained(folder)
         loader = make_loader(ds, ImageCollator(clf.preprocessor), cfg.data.eval_batch_size)
         return collect(loader, lambda b: {"f": clf(b["pixel_values"]).features})["f"]  # (N, F) the bottleneck
     if not (folder / "config.json").is_file():

@@ -47,7 +47,7 @@ class ClassifierConfig:
 
 @dataclass
 class ClassifierOutput:
-    """One pass of :class:`ImageClassifier`.
+    """One pass of :class:`BackboneClassifier`.
 
     Shapes:
         pooled: (B, D) backbone features; features: (B, F) the head's input
@@ -71,7 +71,7 @@ class _EncoderPooled(nn.Module):
         return self.encoder(pixels).pooled  # (B, D)
 
 
-class ImageClassifier(nn.Module):
+class BackboneClassifier(nn.Module):
     """Backbone -> pooled features -> bottleneck -> linear head.
 
     Args:
@@ -83,7 +83,7 @@ class ImageClassifier(nn.Module):
         (B, 3, S, S) -> :class:`ClassifierOutput` with logits (B, C).
 
     Example:
-        >>> clf = ImageClassifier(ClassifierConfig(), num_classes=10)
+        >>> clf = BackboneClassifier(ClassifierConfig(), num_classes=10)
         >>> clf(torch.zeros(2, 3, 32, 32)).logits.shape
         torch.Size([2, 10])
     """
@@ -140,7 +140,7 @@ class ImageClassifier(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "ImageClassifier":
+    def from_pretrained(cls, directory: str | Path) -> "BackboneClassifier":
         """Load a classifier written by :meth:`save_pretrained` (image encoders are rebuilt without downloading)."""
         from ..config import from_dict
         from .files import load_weights, read_json

@@ -12,7 +12,7 @@ from ..registry import DEFAULT_PRESET
 if TYPE_CHECKING:
     import os
 
-    from .classifier import ImageClassifier
+    from .classifier import BackboneClassifier
     from .multimodal import MultimodalModel
 
 
@@ -58,12 +58,12 @@ def ensemble(models: "list[MultimodalModel]") -> "MultimodalModel":
     return ensemble_image_projections(models)
 
 
-def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "MultimodalModel | ImageClassifier":
+def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "MultimodalModel | BackboneClassifier":
     """Load a model saved in ``directory``, whichever kind it is.
 
     A folder with ``config.json`` holds a :class:`MultimodalModel`
     (``MultimodalModel.save_pretrained``); one with ``classifier.json`` an image
-    classifier (``mmtransfer.recipes.adapt.ImageClassifier.save_pretrained``, e.g. the
+    classifier (``mmtransfer.recipes.adapt.BackboneClassifier.save_pretrained``, e.g. the
     ``model/`` of a ``scripts/domain_adapt.py`` run). Either comes back in eval mode.
 
     Args:
@@ -71,7 +71,7 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
         map_location: device to put the weights on.
 
     Example:
-        >>> teacher = mmtransfer.load("runs/digits_mnist_usps_dann/model")   # an ImageClassifier
+        >>> teacher = mmtransfer.load("runs/digits_mnist_usps_dann/model")   # an BackboneClassifier
         >>> teacher(torch.zeros(1, 3, 28, 28)).logits.shape
         torch.Size([1, 10])
     """
@@ -83,9 +83,9 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
 
         return MultimodalModel.from_pretrained(folder, map_location=map_location)
     if (folder / "classifier.json").is_file():
-        from .classifier import ImageClassifier
+        from .classifier import BackboneClassifier
 
-        return ImageClassifier.from_pretrained(folder).to(map_location)
+        return BackboneClassifier.from_pretrained(folder).to(map_location)
     what = "is not a folder" if not folder.is_dir() else "has neither config.json (a multimodal model) nor classifier.json (an image classifier)"
     raise FileNotFoundError(
         f"'{folder}' holds no saved mmtransfer model: it {what}. "

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ConfigError, above, at_least, check_ranges
 from ..losses.distill import DistillOutput, EmbeddingDistillLoss, KDLoss
-from ..models.classifier import ImageClassifier
+from ..models.classifier import BackboneClassifier
 from ..models.preprocess import PreprocessConfig
 from .base import StepInfo, TaskOutput
 from .domain import ClassifyAdaptTask, MethodConfig, MultimodalAdaptTask
@@ -28,9 +28,9 @@ def load_teacher(path: str | Path, task: str) -> nn.Module:
     from ..models.multimodal import MultimodalModel
 
     teacher = load(path)
-    wanted = ImageClassifier if task == "classify" else MultimodalModel
+    wanted = BackboneClassifier if task == "classify" else MultimodalModel
     if not isinstance(teacher, wanted):
-        kind = "an image classifier" if isinstance(teacher, ImageClassifier) else "a multimodal model"
+        kind = "an image classifier" if isinstance(teacher, BackboneClassifier) else "a multimodal model"
         raise ConfigError(f"teacher '{path}' is {kind}, but task={task} needs "
                           f"{'an image classifier' if task == 'classify' else 'a multimodal model'}: set task to match the teacher.")
     teacher.requires_grad_(False)
@@ -93,17 +93,17 @@ class ModelCost:
 
 
 def image_cost(model: nn.Module) -> ModelCost:
-    """Parameters and FLOPs of one image through an :class:`ImageClassifier` (to its logits) or a
+    """Parameters and FLOPs of one image through an :class:`BackboneClassifier` (to its logits) or a
     :class:`~mmtransfer.MultimodalModel` (image tower and projection, to its embedding).
 
     Example:
-        >>> image_cost(ImageClassifier(ClassifierConfig(), 10)).flops
+        >>> image_cost(BackboneClassifier(ClassifierConfig(), 10)).flops
         5738000
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     size = int(model.preprocessor.config.image_size)
-    if isinstance(model, ImageClassifier):
+    if isinstance(model, BackboneClassifier):
         parts: list[nn.Module] = [model]
 
         def forward(x: torch.Tensor) -> Any:
@@ -158,7 +158,7 @@ class ClassifyDistillTask(_TeacherMixin, ClassifyAdaptTask):
         >>> task(batch, StepInfo(0, 100)).loss
     """
 
-    def __init__(self, model: ImageClassifier, teacher: ImageClassifier, distill: DistillLossConfig, seed: int = 0) -> None:
+    def __init__(self, model: BackboneClassifier, teacher: BackboneClassifier, distill: DistillLossConfig, seed: int = 0) -> None:
         super().__init__(model, MethodConfig(name="none"), seed=seed)
         self.distill = distill
         self._set_teacher(teacher, model)

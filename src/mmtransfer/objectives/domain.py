@@ -26,7 +26,7 @@ from ..losses.domain import (
     MultipleKernelMMD,
     PairwiseDomainLoss,
 )
-from ..models.classifier import ClassifierOutput, ImageClassifier
+from ..models.classifier import BackboneClassifier, ClassifierOutput
 from ..schedules import dann_lambda
 from .base import StepInfo, TaskOutput
 
@@ -234,7 +234,7 @@ class ClassifyAdaptTask(nn.Module):
         w = 1 without re-weighting, lambda(p) from :func:`grl_lambda`.
     """
 
-    def __init__(self, model: ImageClassifier, method: MethodConfig, seed: int = 0, num_sources: int = 1, with_target: bool = True) -> None:
+    def __init__(self, model: BackboneClassifier, method: MethodConfig, seed: int = 0, num_sources: int = 1, with_target: bool = True) -> None:
         super().__init__()
         self.model = model
         self.method = method

@@ -36,7 +36,7 @@ from torch import nn
 from ..assemble.domain_run import fit_domain_run
 from ..assemble.domains import AdaptConfig, AdaptDataConfig
 from ..config import ConfigError
-from ..models.classifier import ImageClassifier
+from ..models.classifier import BackboneClassifier
 from ..objectives.distill import (
     ClassifyDistillTask,
     DistillLossConfig,
@@ -145,7 +145,7 @@ def _fraction(student: float | None, teacher: float | None) -> float | None:
 
 
 @torch.no_grad()
-def teacher_accuracy(teacher: ImageClassifier, cfg: DistillConfig) -> dict[str, float]:
+def teacher_accuracy(teacher: BackboneClassifier, cfg: DistillConfig) -> dict[str, float]:
     """The classifier teacher's top-1 accuracy (%) on the run's evaluation sets (the student's are in its summary).
 
     Uses the sets and the sample limit that the student is evaluated on.
