@@ -63,7 +63,7 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
 
     A folder with ``config.json`` holds a :class:`MultimodalModel`
     (``MultimodalModel.save_pretrained``); one with ``classifier.json`` an image
-    classifier (``mmtransfer.recipes.adapt.BackboneClassifier.save_pretrained``, e.g. the
+    classifier (``mmtransfer.models.classifier.BackboneClassifier.save_pretrained``, e.g. the
     ``model/`` of a ``scripts/domain_adapt.py`` run). Either comes back in eval mode.
 
     Args:

@@ -14,9 +14,9 @@ model, the *student*, learns to reproduce its outputs:
   teacher's shared image embedding; the text side can be copied from the
   teacher so that zero-shot classification keeps working.
 
-A distillation recipe is a domain-adaptation recipe (:class:`~mmtransfer.recipes.adapt.AdaptConfig`:
+A distillation recipe is a domain-adaptation recipe (:class:`~mmtransfer.assemble.domains.AdaptConfig`:
 the same data sections, student model sections, training and evaluation) plus
-``teacher`` and ``distill``; it runs through :func:`mmtransfer.recipes.adapt.run` and the
+``teacher`` and ``distill``; it runs through :func:`mmtransfer.assemble.domain_run.fit_domain_run` (as adaptation does) and the
 one training loop, with the distillation task in place of the adaptation task.
 The teacher is frozen, in eval mode, on the accelerator's device and outside
 the task's modules: it is neither trained, nor wrapped for DDP, nor saved in
