@@ -199,7 +199,6 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     """Run the configured transfer mode; writes results.json, results.md and plots to the run folder."""
     from .. import data as mmdata
     from ..distributed import is_main_process
-    from ..evaluate import confusion_matrix, plot_confusion
     from ..models.factory import create_model, load
     from ..transfer import DEFAULT_TEMPLATES, ImageClassifier, LinearHead
 
@@ -276,14 +275,22 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                         best_logits, best_metrics = logits, metrics
         results["runs"] = {k: {m: (mean_std(v) if m != "sweep" else v) for m, v in d.items()} for k, d in runs.items()}
 
-    conf = confusion_matrix(best_logits.argmax(1), test_y, len(names))
     results["final"] = _brief(best_metrics)
     if is_main_process():  # every process holds the same results; one writes them
-        plot_confusion(conf, names, run_dir / "confusion.png", title=f"{mode}: test confusion (row-normalised)")
-        (run_dir / "results.json").write_text(json.dumps({**results, "per_class": best_metrics["per_class"]}, indent=2))
-        (run_dir / "results.md").write_text(_markdown(results, best_metrics))
+        _write_results(run_dir, results, best_logits, best_metrics, test_y, names)
     results["run_dir"] = str(run_dir)
     return results
+
+
+def _write_results(run_dir: Path, results: dict[str, Any], logits: torch.Tensor, metrics: dict[str, Any],
+                   labels: torch.Tensor, names: list[str]) -> None:
+    """results.json, results.md (per class) and confusion.png of the final model."""
+    from ..evaluate import confusion_matrix, plot_confusion
+
+    conf = confusion_matrix(logits.argmax(1), labels, len(names))
+    plot_confusion(conf, names, run_dir / "confusion.png", title=f"{results['mode']}: test confusion (row-normalised)")
+    (run_dir / "results.json").write_text(json.dumps({**results, "per_class": metrics["per_class"]}, indent=2))
+    (run_dir / "results.md").write_text(_markdown(results, metrics))
 
 
 def _check_and_prepare(cfg: ClassifyConfig, fast_dev_run: bool) -> Path:
