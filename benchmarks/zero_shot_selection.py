@@ -41,7 +41,8 @@ RECIPE = "openmoji_transfer"
 NAMES = ROOT / "configs" / "openmoji_validation_names.txt"
 HELD_OUT_PERCENT = 20
 # variant -> overrides of the recipe. Variants whose options left the library after they
-# were measured (max pooling, semantic soft targets, split member batches) are in
+# were measured (max pooling, semantic soft targets, jointly trained and split image projection
+# members) are in
 # docs/results/transfer.md with their results.
 # The variants after "no_templates" were measured on the recipe before caption templates
 # joined it: add the override data.caption_templates=null to run them as they were.
@@ -62,7 +63,6 @@ VARIANTS = {
     "batch256": ["train.batch_size=256"],
     "batch256_steps500": ["train.batch_size=256", "train.max_steps=500"],
     "batch512": ["train.batch_size=512"],
-    "members3": ["model.image_projection_members=3"],
     # The frozen-encoder baseline at the recipe's 224 px: frozen towers, the text side as MiniLM
     # gives it, one linear map of the plain image features (no MLP, dropout or augmentation),
     # captions as written.

@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
             if not isinstance(model, mmtransfer.MultimodalModel):
                 raise ValueError(f"'{folder}' holds an image classifier, not a caption model: give the model/ of finetune_captions.py runs.")
             models.append(model)
-            log.info("loaded %s (%d image projection(s))", folder, model.config.image_projection_members)
+            log.info("loaded %s", folder)
         merged = mmtransfer.ensemble(models)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     out = merged.save_pretrained(Path(args.out))
-    print(f"Ensemble of {merged.config.image_projection_members} image projections: {out}")
+    print(f"Ensemble of {merged.members} image projections: {out}")
 
 
 if __name__ == "__main__":

@@ -282,29 +282,6 @@ def test_per_tower_projections_none_keeps_the_sentence_space(tmp_path):
         mmtransfer.create_model(_tiny_config(text_projection="none", embed_dim=16))
 
 
-def test_image_projection_members_average_their_normalised_outputs(tmp_path):
-    cfg = _tiny_config(image_projection="mlp", image_projection_members=3, embed_dim=16)
-    model = mmtransfer.create_model(cfg).eval()
-    x = torch.randn(5, model.image_encoder.width)
-    with torch.no_grad():
-        members = model.project_image_members(x)
-        assert members.shape == (3, 5, 16)
-        torch.testing.assert_close(members.norm(dim=-1), torch.ones(3, 5))
-        # The members start apart, and the embedding is the normalised mean of their outputs.
-        assert not torch.allclose(members[0], members[1])
-        torch.testing.assert_close(model.project_image(x), torch.nn.functional.normalize(members.mean(0), dim=-1))
-        model.save_pretrained(tmp_path / "m")
-        torch.testing.assert_close(mmtransfer.load(str(tmp_path / "m")).project_image(x), model.project_image(x))
-    # One member is the plain projection.
-    single = mmtransfer.create_model(_tiny_config(embed_dim=16)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(single.project_image_members(x)[0], single.project_image(x))
-    with pytest.raises(ValueError, match="at least 1"):
-        mmtransfer.create_model(_tiny_config(image_projection_members=0))
-    with pytest.raises(ValueError, match="'linear' or 'mlp'"):
-        mmtransfer.create_model(_tiny_config(image_projection="none", image_projection_members=2))
-
-
 def test_ensemble_of_separately_trained_models_averages_their_image_embeddings(tmp_path, run_script):
     import copy
 
@@ -323,9 +300,9 @@ def test_ensemble_of_separately_trained_models_averages_their_image_embeddings(t
         torch.testing.assert_close(merged.encode_image(x), expected)
         torch.testing.assert_close(merged.encode_text(texts), a.encode_text(texts))
         torch.testing.assert_close(merged.logit_scale, (a.logit_scale + b.logit_scale) / 2)
-    assert merged.config.image_projection_members == 2
+    assert merged.members == 2 and isinstance(merged, mmtransfer.MultimodalModel)
     # Ensembles flatten: adding a third model gives three equal members.
-    assert mmtransfer.ensemble([merged, copy.deepcopy(a)]).config.image_projection_members == 3
+    assert mmtransfer.ensemble([merged, copy.deepcopy(a)]).members == 3
     # Models whose towers differ cannot share them.
     with pytest.raises(ValueError, match="text_encoder.*only the image projection"):
         mmtransfer.ensemble([a, mmtransfer.create_model(cfg)])
@@ -339,6 +316,18 @@ def test_ensemble_of_separately_trained_models_averages_their_image_embeddings(t
         torch.testing.assert_close(mmtransfer.load(str(tmp_path / "ens")).encode_image(x), expected)
     bad = run_script("scripts/ensemble_models.py", str(tmp_path / "a"), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "nowhere" in bad.stderr and "Traceback" not in bad.stderr
+    # Ensembles saved when they were a model config field (image_projection_members) load as ensembles.
+    import json
+
+    legacy = tmp_path / "ens"
+    (legacy / "ensemble.json").unlink()
+    meta = json.loads((legacy / "config.json").read_text())
+    meta["config"]["image_projection_members"] = 2
+    (legacy / "config.json").write_text(json.dumps(meta))
+    loaded = mmtransfer.load(str(legacy))
+    assert loaded.members == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(x), expected)
 
 
 def test_create_model_from_dict_and_unknown_key():

@@ -195,14 +195,6 @@ class ModelConfig:
     # Dropout on the input and hidden layer of MLP projections (a regulariser when few
     # images train them).
     projection_dropout: float = 0.0
-    # Independently initialised image projections (a deep ensemble of the projection
-    # head). An image's embedding is the mean of their normalised outputs; the caption
-    # objective trains each on its own contrastive loss. The members share the image tower,
-    # so with cached tower features K members cost about K times the projection's steps
-    # and nothing more. On held-out OpenMoji names 3 members add 2-2.6 points of zero-shot
-    # top-5 and no top-1; separately trained runs merged by scripts/ensemble_models.py (which
-    # writes a model with one member per run) gain top-1 too (docs/results/transfer.md).
-    image_projection_members: int = 1
     # Initial softmax temperature of the contrastive logits (CLIP uses 0.07).
     init_temperature: float = 0.07
     # The learnable logit scale 1/temperature is clamped to at most this value.
@@ -210,8 +202,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # The logit scale is clamped to [1, max_logit_scale], so below 1 the clamp has no room.
-        check_ranges(self, embed_dim=at_least(1), projection_dropout=DROPOUT, image_projection_members=at_least(1),
-                     init_temperature=above(0), max_logit_scale=at_least(1))
+        check_ranges(self, embed_dim=at_least(1), projection_dropout=DROPOUT, init_temperature=above(0),
+                     max_logit_scale=at_least(1))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -47,13 +47,13 @@ def create_model(name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_
 def ensemble(models: "list[MultimodalModel]") -> "MultimodalModel":
     """One model averaging the image projections of separately trained ones (same towers and text side).
 
-    See :func:`mmtransfer.models.multimodal.ensemble_image_projections`; ``scripts/ensemble_models.py``
+    See :func:`mmtransfer.models.ensemble.ensemble_image_projections`; ``scripts/ensemble_models.py``
     does the same for saved model folders.
 
     Example:
         >>> model = ensemble([load(f"runs/seed{s}/model") for s in range(3)])
     """
-    from .multimodal import ensemble_image_projections
+    from .ensemble import ensemble_image_projections
 
     return ensemble_image_projections(models)
 
@@ -62,7 +62,8 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
     """Load a model saved in ``directory``, whichever kind it is.
 
     A folder with ``config.json`` holds a :class:`MultimodalModel`
-    (``MultimodalModel.save_pretrained``); one with ``classifier.json`` an image
+    (``MultimodalModel.save_pretrained``; with ``ensemble.json`` too, an ensemble of runs,
+    :class:`~mmtransfer.models.ensemble.EnsembleModel`); one with ``classifier.json`` an image
     classifier (``mmtransfer.models.classifier.BackboneClassifier.save_pretrained``, e.g. the
     ``model/`` of a ``scripts/domain_adapt.py`` run). Either comes back in eval mode.
 
@@ -71,13 +72,17 @@ def load(directory: "str | os.PathLike[str]", map_location: str = "cpu") -> "Mul
         map_location: device to put the weights on.
 
     Example:
-        >>> teacher = mmtransfer.load("runs/digits_mnist_usps_dann/model")   # an BackboneClassifier
+        >>> teacher = mmtransfer.load("runs/digits_mnist_usps_dann/model")   # a BackboneClassifier
         >>> teacher(torch.zeros(1, 3, 28, 28)).logits.shape
         torch.Size([1, 10])
     """
     from pathlib import Path
 
     folder = Path(directory)
+    if (folder / "ensemble.json").is_file():
+        from .ensemble import EnsembleModel
+
+        return EnsembleModel.from_pretrained(folder, map_location=map_location)
     if (folder / "config.json").is_file():
         from .multimodal import MultimodalModel
 

@@ -53,29 +53,6 @@ class Projection(nn.Module):
         return last(self.dropout(act(first(self.dropout(x)))))
 
 
-class ProjectionEnsemble(nn.Module):
-    """K projections (initialised apart, or trained apart); the output is the mean of their normalised outputs.
-
-    A deep ensemble of the projection head: the members start apart and, each
-    trained on its own loss (:meth:`members`), make partly independent errors
-    that the mean averages out. The output is not unit length; normalise it
-    as any projection's output.
-
-    Shapes:
-        (B, D_in) -> (B, E); members: (B, D_in) -> (K, B, E) normalised.
-    """
-
-    def __init__(self, projections: list[Projection]) -> None:
-        super().__init__()
-        self.projections = nn.ModuleList(projections)
-
-    def members(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([F.normalize(p(x), dim=-1) for p in self.projections])  # (K, B, E)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.members(x).mean(0)  # (B, E)
-
-
 class Attention(nn.Module):
     """Multi-head attention of queries ``x`` over ``context``, with a key padding mask.
 

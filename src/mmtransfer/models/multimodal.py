@@ -11,7 +11,6 @@ temperature, clamped to ``config.max_logit_scale``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from ..config import ConfigError, ModelConfig, from_dict, to_dict
 from ..registry import ModelFileError
 from .common import count_parameters, freeze, keep_frozen_norms_in_eval
 from .files import FIX, load_weights, read_json
-from .fusion import Fusion, Projection, ProjectionEnsemble
+from .fusion import Fusion, Projection
 from .image import ImageEncoder
 from .outputs import FusionOutput, ImageEncoderOutput, MultimodalOutput, TextEncoderOutput
 from .preprocess import ImagePreprocessor
@@ -79,13 +78,7 @@ class MultimodalModel(nn.Module):
         E = config.embed_dim
         drop = config.projection_dropout
         self.text_projection = Projection(text_encoder.width, E, config.text_projection or config.projection, drop)
-        image_kind, members = config.image_projection or config.projection, config.image_projection_members
-        if members < 1:
-            raise ValueError(f"image_projection_members must be at least 1, got {members}.")
-        if members > 1 and image_kind == "none":
-            raise ValueError("image_projection_members > 1 needs a trained projection ('linear' or 'mlp'), not 'none'.")
-        projections = [Projection(image_encoder.width, E, image_kind, drop) for _ in range(members)]
-        self.image_projection: nn.Module = projections[0] if members == 1 else ProjectionEnsemble(projections)
+        self.image_projection: nn.Module = Projection(image_encoder.width, E, config.image_projection or config.projection, drop)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.fusion = (
             Fusion(config.fusion, text_encoder.width, image_encoder.width, config.fusion.width or E)
@@ -167,19 +160,6 @@ class MultimodalModel(nn.Module):
         """(B, Di) pooled image features -> (B, E) shared-space embeddings."""
         z = self.image_projection(pooled)
         return F.normalize(z, dim=-1) if normalize else z
-
-    def project_image_members(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, Di) -> (K, B, E) normalised embeddings of each of the K image projections (K = 1 without an ensemble)."""
-        if isinstance(self.image_projection, ProjectionEnsemble):
-            return self.image_projection.members(pooled)
-        return self.project_image(pooled)[None]
-
-    @property
-    def image_projection_modules(self) -> list[nn.Module]:
-        """The K image projections (one without an ensemble), each mapping (B, Di) -> (B, E) unnormalised."""
-        if isinstance(self.image_projection, ProjectionEnsemble):
-            return list(self.image_projection.projections)
-        return [self.image_projection]
 
     def encode_text(
         self, texts: TextInput, normalize: bool = True, attention_mask: torch.Tensor | None = None, grad: bool = False
@@ -337,9 +317,12 @@ class MultimodalModel(nn.Module):
         return target
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MultimodalModel":
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        build: Callable[[ModelConfig, TextEncoder, ImageEncoder], "MultimodalModel"] | None = None) -> "MultimodalModel":
         """Load a model written by :meth:`save_pretrained`. Needs nothing outside ``directory``.
 
+        ``build(config, text_encoder, image_encoder)`` makes the model the weights load into
+        (an ensemble's, :mod:`mmtransfer.models.ensemble`); by default this class.
         A missing, truncated or mismatched file raises :class:`~mmtransfer.ModelFileError` naming it.
         """
         directory = Path(directory)
@@ -353,61 +336,19 @@ class MultimodalModel(nn.Module):
         if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE or not isinstance(meta.get("config"), dict):
             found = f"model_type={meta.get('model_type')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
             raise ModelFileError(f"'{config_path}' is not an mmtransfer model config ({found}); {FIX}.")
+        # Ensembles used to be written as one config field; those folders still load as ensembles.
+        members = meta["config"].pop("image_projection_members", 1)
+        if build is None and isinstance(members, int) and members > 1:
+            from .ensemble import load_ensemble
+
+            return load_ensemble(directory, members, map_location)
         try:
             config = from_dict(ModelConfig, meta["config"])
         except ConfigError as err:
             raise ModelFileError(f"'{config_path}' does not describe a model this version can build: {err}") from None
         # The towers read these with transformers, whose errors do not say what to do.
         read_json(directory / TEXT_CONFIG_DIR / "config.json")
-        model = cls(config, TextEncoder.from_saved(config.text, directory), ImageEncoder.from_saved(config.image, directory))
+        model = (build or cls)(config, TextEncoder.from_saved(config.text, directory), ImageEncoder.from_saved(config.image, directory))
         # Models saved before the text tower dropped its unused pooler head still load.
         load_weights(model, directory / WEIGHTS_FILE, device=str(map_location), obsolete=("text_encoder.model.pooler.",))
         return model.eval()
-
-
-def ensemble_image_projections(models: Sequence[MultimodalModel]) -> MultimodalModel:
-    """One model whose image projection is the ensemble of the image projections of ``models``.
-
-    For models trained apart (e.g. the same recipe with different seeds) on the
-    same frozen towers and text side: everything but the image projection and the
-    temperature must be identical, which holds when the towers were frozen and the
-    text projection is "none" (``configs/openmoji_transfer.yaml``). An image's
-    embedding is then the mean of every member's normalised embedding (members of
-    ensembles count one by one); the logit scale is the geometric mean of theirs.
-    Separately trained members differ more than those trained together in one run
-    (``image_projection_members``), and their ensemble gains more (docs/results/transfer.md).
-
-    Example:
-        >>> runs = [mmtransfer.load(f"runs/transfer_seed{s}/model") for s in range(3)]
-        >>> ensemble_image_projections(runs).save_pretrained("runs/transfer_ensemble")
-    """
-    if len(models) < 2:
-        raise ValueError(f"An ensemble needs at least two models, got {len(models)}.")
-    first = models[0]
-
-    def shared_config(m: MultimodalModel) -> dict[str, Any]:
-        return {k: v for k, v in to_dict(m.config).items() if k != "image_projection_members"}
-
-    def shared_state(m: MultimodalModel) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in m.state_dict().items() if not k.startswith("image_projection.") and k != "logit_scale"}
-
-    config, reference = shared_config(first), shared_state(first)
-    for i, m in enumerate(models[1:], start=1):
-        if (other := shared_config(m)) != config:
-            diff = sorted(k for k, v in other.items() if config.get(k) != v)
-            raise ValueError(f"Model {i} is configured differently from model 0 ({', '.join(diff)}): "
-                             "ensemble models of one recipe that differ only in their seed.")
-        differing = sorted({k.split(".")[0] for k, v in shared_state(m).items() if not torch.equal(v, reference[k])})
-        if differing:
-            raise ValueError(
-                f"Model {i} differs from model 0 in {', '.join(differing)}, not only in its image projection: only the image "
-                "projection is ensembled. Train with frozen towers (freeze.text/freeze.image), text_projection=none and "
-                "no fusion layer (fusion.num_layers=0), as configs/openmoji_transfer.yaml does."
-            )
-    members = [p for m in models for p in m.image_projection_modules]
-    merged = copy.deepcopy(first)
-    merged.config = replace(first.config, image_projection_members=len(members))
-    merged.image_projection = ProjectionEnsemble([copy.deepcopy(p) for p in members])
-    with torch.no_grad():
-        merged.logit_scale.copy_(torch.stack([m.logit_scale.detach() for m in models]).mean())
-    return merged.eval()

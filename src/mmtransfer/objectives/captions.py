@@ -118,20 +118,18 @@ class CaptionObjective(nn.Module):
         zt = model.project_text(txt.pooled)  # (B, E)
         scale = model.get_logit_scale()
         groups = self.positive_groups(batch)  # (B,)
-        members = model.project_image_members(img.pooled)  # (K, B, E): K image projections, each with its own loss
-        cons = [self.contrastive(zi, zt, scale, groups) for zi in members]
-        con_loss = torch.stack([c.loss for c in cons]).mean()
+        zi = model.project_image(img.pooled)  # (B, E)
+        con = self.contrastive(zi, zt, scale, groups)
+        con_loss = con.loss
         loss = self.config.contrastive_weight * con_loss
         metrics: dict[str, torch.Tensor | float] = {
             "contrastive": con_loss.detach(),
-            "acc_i2t": torch.stack([c.accuracy_i2t for c in cons]).float().mean(),
-            "acc_t2i": torch.stack([c.accuracy_t2i for c in cons]).float().mean(),
+            "acc_i2t": con.accuracy_i2t,
+            "acc_t2i": con.accuracy_t2i,
             "logit_scale": scale.detach(),
         }
         if self.use_itm:
-            with torch.no_grad():  # (B, E): the model's image embedding, for mining hard negatives
-                zi = members[0] if len(members) == 1 else F.normalize(members.mean(0), dim=-1)
-            sim = (zi @ zt.T).detach() * scale.detach()  # (B, B) local pairs
+            sim = (zi @ zt.T).detach() * scale.detach()  # (B, B) local pairs, for mining hard negatives
             fusion = model.fusion
             # Project tokens to the fusion width once; the matching loss indexes them three ways.
             text_w = fusion.text_in(txt.tokens)  # (B, T, W)
