@@ -345,6 +345,29 @@ def build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sou
     return Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)
 
 
+class ZeroShotEvaluation:
+    """Zero-shot accuracy of every evaluation set against the candidate class names, and the domain accuracy."""
+
+    def __init__(self, name_feats: Any, candidate_names: list[str]) -> None:
+        self.name_feats, self.candidate_names = name_feats, candidate_names  # cached text features, or None
+
+    def class_embeddings(self, task: MultimodalAdaptTask) -> torch.Tensor:
+        m, names = task.model, self.candidate_names
+        if self.name_feats is not None:
+            return m.project_text(self.name_feats.pooled.to(m.device))  # (K, E)
+        return torch.cat([m.encode_text(names[i:i + 256]) for i in range(0, len(names), 256)])
+
+    def __call__(self, task: MultimodalAdaptTask, acc: Any, loaders: dict[str, Any]) -> dict[str, float]:
+        zc = self.class_embeddings(task).float().cpu()  # (K, E)
+        feats_ = {name: collect(loader, task.embed, acc) for name, loader in loaders.items()}
+        out = {f"{name}_acc": accuracy(f["features"] @ zc.T, f["labels"]) for name, f in feats_.items()}  # (N, E) @ (E, K)
+        if "source" in feats_ and "target" in feats_:
+            dacc = task.domain_accuracy(feats_["source"], feats_["target"])
+            if dacc is not None:
+                out["domain_acc"] = 100.0 * dacc
+        return out
+
+
 def build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sources: Sources,
                       make_task: TaskFactory | None = None) -> Built:
     from ..data.collate import CaptionCollator, ImageCollator, PairedLoader, make_loader
@@ -416,21 +439,7 @@ def build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], s
     check_loaders(bs, source=source, target=target)
     train_loader = PairedLoader(source, target, steps="max", seed=seed)
 
-    def class_embeddings(task: MultimodalAdaptTask) -> torch.Tensor:
-        m = task.model
-        if name_feats is not None:
-            return m.project_text(name_feats.pooled.to(m.device))  # (K, E)
-        return torch.cat([m.encode_text(candidate_names[i:i + 256]) for i in range(0, len(candidate_names), 256)])
-
-    def evaluate(task: MultimodalAdaptTask, acc: Any, loaders: dict[str, Any]) -> dict[str, float]:
-        zc = class_embeddings(task).float().cpu()  # (K, E)
-        feats_ = {name: collect(loader, task.embed, acc) for name, loader in loaders.items()}
-        out = {f"{name}_acc": accuracy(f["features"] @ zc.T, f["labels"]) for name, f in feats_.items()}  # (N, E) @ (E, K)
-        if "source" in feats_ and "target" in feats_:
-            dacc = task.domain_accuracy(feats_["source"], feats_["target"])
-            if dacc is not None:
-                out["domain_acc"] = 100.0 * dacc
-        return out
+    evaluate = ZeroShotEvaluation(name_feats, candidate_names)
 
     info = {"zero_shot_classes": len(class_names), "feature_cache": bool(cache), "sources": sources.names}
     return Built(task, train_loader, eval_loaders, evaluate, lambda t, d: t.model.save_pretrained(d), info)

@@ -125,15 +125,7 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
             if key not in columns:
                 columns.append(key)
     table = f"The table {path}"
-    image_col = _pick_column(columns, config.image_column, IMAGE_COLUMN_GUESSES, "image", "image_column", table)
-    if isinstance(config.caption_column, list):
-        caption_cols = [_pick_column(columns, c, CAPTION_COLUMN_GUESSES, "caption", "caption_column", table) for c in config.caption_column]
-    else:
-        found = _pick_column(columns, config.caption_column, CAPTION_COLUMN_GUESSES, "caption", "caption_column", table,
-                             required=config.label_column is None and not any(c.lower() in LABEL_COLUMN_GUESSES for c in columns))
-        caption_cols = [found] if found else []
-    label_col = _pick_column(columns, config.label_column, LABEL_COLUMN_GUESSES, "label", "label_column", table, required=False)
-    domain_col = _pick_column(columns, config.domain_column, ("domain",), "domain", "domain_column", table, required=False)
+    image_col, caption_cols, label_col, domain_col = _table_columns(columns, config, table)
     root = image_root or (Path(config.image_root).expanduser() if config.image_root else path.parent)
     fence = RootFence(root, config)
     labels = _Labels(config.class_names, [r.get(label_col) for _, r in good_rows], label_col, table) if label_col else None
@@ -193,6 +185,20 @@ def stage_caption_table(path: Path, config: DataConfig, source: str, image_root:
     problems.sort(key=lambda p: _row_number(p.where))
     return Staged(dataset, source, config.split, problems, wheres)
 
+
+
+def _table_columns(columns: list[str], config: DataConfig, table: str) -> tuple[str, list[str], str | None, str | None]:
+    """The image column, the caption columns, the label and domain columns (None: absent) of a table."""
+    image_col = _pick_column(columns, config.image_column, IMAGE_COLUMN_GUESSES, "image", "image_column", table)
+    if isinstance(config.caption_column, list):
+        caption_cols = [_pick_column(columns, c, CAPTION_COLUMN_GUESSES, "caption", "caption_column", table) for c in config.caption_column]
+    else:
+        found = _pick_column(columns, config.caption_column, CAPTION_COLUMN_GUESSES, "caption", "caption_column", table,
+                             required=config.label_column is None and not any(c.lower() in LABEL_COLUMN_GUESSES for c in columns))
+        caption_cols = [found] if found else []
+    label_col = _pick_column(columns, config.label_column, LABEL_COLUMN_GUESSES, "label", "label_column", table, required=False)
+    domain_col = _pick_column(columns, config.domain_column, ("domain",), "domain", "domain_column", table, required=False)
+    return image_col, caption_cols, label_col, domain_col
 
 def _usable_records(records: dict[str, dict[str, Any]], caption_problems: dict[str, list[Problem]], has_captions: bool,
                     problems: list[Problem]) -> list[dict[str, Any]]:
