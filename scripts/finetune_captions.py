@@ -15,7 +15,7 @@ Examples:
   python scripts/finetune_captions.py --config configs/openmoji_contrastive.yaml train.max_steps=100 optim.lr=5e-4
   python scripts/finetune_captions.py --config configs/openmoji_contrastive.yaml --fast-dev-run
   accelerate launch --num_processes 2 scripts/finetune_captions.py --config configs/openmoji_contrastive.yaml
-  python scripts/finetune_captions.py --config configs/multitask_openmoji_joint.yaml tasks.weighting=uncertainty
+  python scripts/finetune_captions.py --config configs/multitask_openmoji.yaml tasks.weighting=uncertainty
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_fast_dev_run_digits(tmp_path, run_script):
 def test_fast_dev_run_emoji(tmp_path, run_script):
     run = tmp_path / "run"
     out = run_script("scripts/domain_adapt.py", "--config", "configs/emoji_openmoji_noto_dann.yaml", "--fast-dev-run",
-               f"train.output_dir={run}", f"data.feature_cache_dir={tmp_path / 'features'}").stdout
+               f"train.output_dir={run}", f"data.features.folder={tmp_path / 'features'}").stdout
     assert "zero-shot top-1" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and {"source_acc", "target_acc"} <= set(summary["metrics"])
@@ -88,7 +88,7 @@ def test_render_font_then_generalise_to_it(tmp_path, run_script):
     assert "emoji drawn" in out and (folder / "metadata.jsonl").is_file()
     run = tmp_path / "run"
     out = run_script("scripts/domain_adapt.py", "--config", "configs/emoji_dg_openmoji_noto_symbola_dann.yaml", "--fast-dev-run",
-                     f"data.target_test.name={folder}", f"train.output_dir={run}", f"data.feature_cache_dir={tmp_path / 'features'}").stdout
+                     f"data.target_test.name={folder}", f"train.output_dir={run}", f"data.features.folder={tmp_path / 'features'}").stdout
     assert "zero-shot top-1" in out
     summary = json.loads((run / "summary.json").read_text())
     assert {"source_acc", "target_acc"} <= set(summary["metrics"])

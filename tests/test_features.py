@@ -86,7 +86,7 @@ def test_finetune_trains_on_augmented_copies_of_cached_features(tmp_path):
         "freeze": {"text": True, "image": True},
         "data": {"train": {"name": str(folder)}, "validation": None, "test": None,
                  "augment": {"degrees": 10, "scale": [0.8, 1.0]}, "augmented_copies": 2,
-                 "feature_cache_dir": str(tmp_path / "features")},
+                 "features": {"folder": str(tmp_path / "features")}},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "batch_size": 8, "eval_every": 3,
                   "save_every": 3, "progress_bar": False, "trackers": []},
     })
@@ -113,7 +113,7 @@ def test_finetune_with_caption_templates(tmp_path, frozen_image):
         cfg = from_dict(finetune.FinetuneConfig, {
             "freeze": {"text": True, "image": frozen_image},
             "data": {"train": {"name": str(folder)}, "validation": {"name": str(folder)}, "test": None,
-                     "caption_templates": templates, "feature_cache_dir": str(tmp_path / "features")},
+                     "caption_templates": templates, "features": {"folder": str(tmp_path / "features")}},
             "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 8, "eval_every": 2,
                       "save_every": 2, "progress_bar": False, "trackers": []},
         })

@@ -91,7 +91,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 def caption_args(folders: dict[str, Path], out: Path, batch: int, *extra: str) -> list[str]:
     return ["--config", "configs/caption_folder_template.yaml",
             f"data.train.name={folders['captions'] / 'train'}", f"data.validation.name={folders['captions'] / 'validation'}",
-            f"data.feature_cache_dir={folders['cache']}", f"train.output_dir={out}", f"train.max_steps={STEPS}",
+            f"data.features.folder={folders['cache']}", f"train.output_dir={out}", f"train.max_steps={STEPS}",
             f"train.batch_size={batch}", "train.num_workers=0", "train.eval_every=0", "train.save_every=0",
             "optim.warmup_steps=0", *extra]
 

@@ -266,7 +266,7 @@ def test_fast_dev_run_of_the_multitask_recipe(tmp_path, run_script):
     run = tmp_path / "run"
     out = run_script("scripts/finetune_captions.py", "--config", "configs/multitask_openmoji.yaml", "--fast-dev-run",
                      "tasks.weighting=uncertainty", f"train.output_dir={run}",
-                     f"data.feature_cache_dir={tmp_path / 'features'}").stdout
+                     f"data.features.folder={tmp_path / 'features'}").stdout
     assert "Multi-task run: captions, labels" in out and "learned log-variances" in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["tasks"] == ["captions", "labels"]
@@ -304,7 +304,7 @@ def test_caption_folder_and_labelled_folder_with_a_trainable_image_tower(tmp_pat
         "tasks.captions.share=2", "tasks.labels.enabled=true", f"tasks.labels.train.name={labs}",
         f"tasks.labels.validation.name={labs}", f"tasks.labels.test.name={labs}", "tasks.weighting=uncertainty",
         f"tasks.zero_shot.name={labs}", "train.max_steps=3", "train.batch_size=6", "train.trackers=[]",
-        "train.progress_bar=false", f"train.output_dir={tmp_path / 'run'}", f"data.feature_cache_dir={tmp_path / 'features'}",
+        "train.progress_bar=false", f"train.output_dir={tmp_path / 'run'}", f"data.features.folder={tmp_path / 'features'}",
     ])
     summary = run(cfg)
     assert summary["batch_shares"] == {"captions": 4, "labels": 2}

@@ -52,7 +52,7 @@ def test_overrides_and_flags_in_any_order(argv):
         ("model.fusion.dropout=1", "model.fusion.dropout must be at least 0 and less than 1, got 1.0."),
         ("model.text.max_length=0", "model.text.max_length must be at least 1, got 0."),
         ("model.image.image_size=-32", "model.image.image_size must be at least 1, got -32."),
-        ("data.eval_batch_size=0", "data.eval_batch_size must be at least 1, got 0."),
+        ("train.eval_batch_size=0", "train.eval_batch_size must be at least 1, got 0."),
         ("data.augment.hflip=2", "data.augment.hflip must be between 0 and 1, got 2.0."),
         ("freeze.text_keep_last=-1", "freeze.text_keep_last must be at least 0, got -1."),
     ],

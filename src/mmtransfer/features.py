@@ -27,6 +27,19 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class FeatureCacheConfig:
+    """The ``data.features`` section of the caption and domain recipes: what frozen towers keep."""
+
+    # Compute frozen, unaugmented towers once and reuse their features every step.
+    cache: bool = True
+    # Also keep cached features on disk, keyed by weights and data, for later runs.
+    persist: bool = True
+    # Folder of on-disk feature caches (None: "features" in the data cache folder,
+    # $MMTRANSFER_CACHE_DIR or ~/.cache/mmtransfer).
+    folder: str | None = None
+
+
+@dataclass
 class CachedFeatures:
     """Tower outputs for N items.
 

@@ -86,6 +86,8 @@ class TrainConfig:
     max_steps: int = 1000
     # Micro-batch size per process.
     batch_size: int = 64
+    # Batch size of evaluation and feature caching (no gradients: larger fits).
+    eval_batch_size: int = 128
     # Micro-batches accumulated per optimizer step.
     grad_accum_steps: int = 1
     # "no", "bf16" or "fp16" (fp16 needs a GPU).
@@ -113,7 +115,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # max_steps <= 0 would export an untrained model; log_every=0 divides by zero; NumPy takes
         # seeds in [0, 2**32).
-        check_ranges(self, max_steps=at_least(1), batch_size=at_least(1), grad_accum_steps=at_least(1),
+        check_ranges(self, max_steps=at_least(1), batch_size=at_least(1), eval_batch_size=at_least(1), grad_accum_steps=at_least(1),
                      seed=Range(0, 2**32 - 1), eval_every=at_least(0), save_every=at_least(0), keep_last=at_least(0),
                      log_every=at_least(1), num_workers=at_least(0))
 

@@ -316,7 +316,7 @@ def load_classifier(folder: str | Path) -> Any:
     tensor) -> (B, C) logits over the trained classes; ``.predict(images)`` gives names.
 
     Example:
-        >>> clf = load_classifier("runs/multitask_openmoji_joint/model")
+        >>> clf = load_classifier("runs/multitask_openmoji/model")
         >>> clf.predict([Image.open("emoji.png")])   # from PIL import Image
         ['grinning face']
     """

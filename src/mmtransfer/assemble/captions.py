@@ -15,6 +15,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, at_least, check_ranges
 from ..data.config import DataConfig
+from ..features import FeatureCacheConfig
 from ..models.preprocess import AugmentConfig
 from ..objectives.captions import CaptionObjectiveConfig
 from ..objectives.domain import EmbeddingDomainLossConfig
@@ -57,26 +58,20 @@ class CaptionDataSection:
     # DEFAULT_TEMPLATES): every step draws each caption in one of them, so the image side
     # learns the prompts that zero-shot classification will ask with. None: captions as written.
     caption_templates: list[str] | str | None = None
-    # Compute frozen towers once and reuse their features every step.
-    cache_features: bool = True
+    # Feature cache of frozen towers. With a frozen image tower and `augment` on, caching
+    # needs augmented_copies > 0.
+    features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     # With a frozen image tower and `augment` on: also cache this many augmented
     # copies of every training image's features (each computed once, seeded);
     # every step then draws one of the plain and augmented copies per image.
     # 0 with augment on runs the frozen tower on fresh augmentations every step.
     augmented_copies: int = 0
-    # Also keep cached features on disk, keyed by weights and data, for later runs.
-    persist_features: bool = True
-    # Folder of on-disk feature caches (None: "features" in the data cache folder,
-    # $MMTRANSFER_CACHE_DIR or ~/.cache/mmtransfer).
-    feature_cache_dir: str | None = None
-    # Batch size of evaluation and feature caching.
-    eval_batch_size: int = 128
     # Also report retrieval after re-ranking each query's top K candidates with the
     # fusion layer's matching score (ALBEF-style; 0 disables).
     rerank_k: int = 0
 
     def __post_init__(self) -> None:
-        check_ranges(self, augmented_copies=at_least(0), eval_batch_size=at_least(1), rerank_k=at_least(0))
+        check_ranges(self, augmented_copies=at_least(0), rerank_k=at_least(0))
 
 
 @dataclass
@@ -198,12 +193,12 @@ def feature_plan(model: Any, data: CaptionDataSection, keep_tokens: bool) -> Fea
     if data.augmented_copies > 0 and not augment.enabled:
         logger.warning("data.augmented_copies=%d has no effect: data.augment is off.", data.augmented_copies)
     copies = data.augmented_copies if augment.enabled else 0
-    cache = data.cache_features and image_frozen and (not augment.enabled or copies > 0)
+    cache = data.features.cache and image_frozen and (not augment.enabled or copies > 0)
     folder = None
-    if data.persist_features:
+    if data.features.persist:
         from ..data.config import cache_root
 
-        folder = Path(data.feature_cache_dir) if data.feature_cache_dir else cache_root(data.train) / "features"
+        folder = Path(data.features.folder) if data.features.folder else cache_root(data.train) / "features"
     return FeaturePlan(cache, text_frozen, copies if cache else 0, keep_tokens, folder)
 
 

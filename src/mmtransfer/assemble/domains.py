@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ConfigError, ImageEncoderConfig, ModelConfig, at_least, check_ranges, to_dict
 from ..data.config import DataConfig
+from ..features import FeatureCacheConfig
 from ..losses.reweight import ImportanceWeights
 from ..models.classifier import BackboneClassifier, ClassifierConfig
 from ..models.preprocess import AugmentConfig, ImagePreprocessor
@@ -90,19 +91,13 @@ class AdaptDataConfig:
     # Preprocess every image once and keep the tensors in memory (fast for small images
     # such as digits; turn off for large image folders). Needs augmentation off.
     in_memory: bool = True
-    # Multimodal task: compute frozen, unaugmented towers once and train on their features.
-    cache_features: bool = True
-    # Also keep cached features on disk, keyed by weights and data.
-    persist_features: bool = True
-    # Folder of on-disk feature caches (None: "features" in the data cache folder).
-    feature_cache_dir: str | None = None
-    # Batch size of evaluation and feature caching.
-    eval_batch_size: int = 256
+    # Feature cache of frozen, unaugmented towers (multimodal task).
+    features: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     # Evaluate on at most this many images of each evaluation set (None: all).
     max_eval_samples: int | None = None
 
     def __post_init__(self) -> None:
-        check_ranges(self, eval_batch_size=at_least(1), max_eval_samples=at_least(1))
+        check_ranges(self, max_eval_samples=at_least(1))
 
 
 @dataclass
@@ -180,7 +175,7 @@ class AdaptConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/domain_adapt", trackers=[]))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/domain_adapt", trackers=[], eval_batch_size=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -297,7 +292,7 @@ def build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sou
     task = (make_task(model, accelerator) if make_task else
             ClassifyAdaptTask(model, cfg.method, seed=cfg.train.seed, num_sources=sources.count, with_target="target" in sets))
     pre = model.preprocessor
-    bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
+    bs, ebs, seed = cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.seed
     evals = eval_sets(cfg, sets)
     items = sources.items(cfg.data.balance_sources, seed)
     in_memory = cfg.data.in_memory and not cfg.data.augment.enabled
@@ -388,9 +383,9 @@ def build_multimodal(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], s
     items = sources.items(cfg.data.balance_sources, cfg.train.seed)
     image_frozen = not any(p.requires_grad for p in model.image_encoder.parameters())
     text_frozen = not any(p.requires_grad for p in model.text_encoder.parameters())
-    cache = cfg.data.cache_features and image_frozen and not cfg.data.augment.enabled
+    cache = cfg.data.features.cache and image_frozen and not cfg.data.augment.enabled
     keep_tokens = task.where == "fused"
-    bs, ebs, seed = cfg.train.batch_size, cfg.data.eval_batch_size, cfg.train.seed
+    bs, ebs, seed = cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.seed
     feature_dir = feature_folder(cfg)
     progress = accelerator.is_local_main_process and cfg.train.progress_bar
 
@@ -458,11 +453,11 @@ def _frozen_text(model: Any, captions: list[list[str]], candidate_names: list[st
 
 
 def feature_folder(cfg: AdaptConfig) -> Path | None:
-    if not cfg.data.persist_features:
+    if not cfg.data.features.persist:
         return None
     from ..data.config import cache_root
 
-    return Path(cfg.data.feature_cache_dir) if cfg.data.feature_cache_dir else cache_root(cfg.data.source) / "features"
+    return Path(cfg.data.features.folder) if cfg.data.features.folder else cache_root(cfg.data.source) / "features"
 
 
 WEIGHTS_FILE = "source_weights.safetensors"
@@ -486,13 +481,13 @@ def ratio_features(cfg: AdaptConfig, dataset: Any, progress: bool = False) -> to
         from ..models.image import ImageEncoder
 
         encoder = ImageEncoder.from_config(ImageEncoderConfig(name=r.encoder, pretrained=True))
-        loader = make_loader(ds, ImageCollator(encoder.preprocessor), cfg.data.eval_batch_size)
+        loader = make_loader(ds, ImageCollator(encoder.preprocessor), cfg.train.eval_batch_size)
         return image_features(encoder, loader, len(ds), keep_tokens=False, cache_dir=feature_folder(cfg),
                               data_key=f"{ds._fingerprint}", progress=progress, desc="features for the density ratio").pooled
     folder = Path(str(r.model_dir))
     if (folder / "classifier.json").is_file():
         clf = BackboneClassifier.from_pretrained(folder)
-        loader = make_loader(ds, ImageCollator(clf.preprocessor), cfg.data.eval_batch_size)
+        loader = make_loader(ds, ImageCollator(clf.preprocessor), cfg.train.eval_batch_size)
         return collect(loader, lambda b: {"f": clf(b["pixel_values"]).features})["f"]  # (N, F) the bottleneck
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"reweight.model_dir '{folder}' holds neither a saved classifier (classifier.json) nor a "
@@ -500,7 +495,7 @@ def ratio_features(cfg: AdaptConfig, dataset: Any, progress: bool = False) -> to
     from ..models.factory import load
 
     mm = load(folder).eval()
-    loader = make_loader(ds, ImageCollator(mm.preprocessor), cfg.data.eval_batch_size)
+    loader = make_loader(ds, ImageCollator(mm.preprocessor), cfg.train.eval_batch_size)
     return collect(loader, lambda b: {"f": mm.project_image(mm.image_encoder(b["pixel_values"]).pooled)})["f"]  # (N, E)
 
 

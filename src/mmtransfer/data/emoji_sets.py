@@ -399,6 +399,16 @@ def build_emoji_set(kind: str, config: DataConfig) -> tuple["DatasetDict", dict[
 # ----------------------------------------------------------------------------- any font -> an image folder
 
 
+def _open_font(path: Path, font_size: int | None, image_size: int, name: str, ink: Any) -> "EmojiFont":
+    """The font at ``font_size`` (None: 1.2 x image_size, or the one size a bitmap font loads at)."""
+    try:
+        return EmojiFont(path, font_size or max(32, round(image_size * 1.2)), name, ink)
+    except DataError:
+        if font_size is not None:
+            raise
+        return EmojiFont(path, NOTO_BITMAP_SIZE, name, ink)  # bitmap (CBDT) fonts load at their one size
+
+
 def render_font_folder(
     font_path: str | Path,
     out: str | Path,
@@ -447,12 +457,7 @@ def render_font_folder(
     if unknown:
         raise DataError(f"Unknown split(s) {sorted(unknown)}; choose from {', '.join(SPLITS)} or all.")
     name = label or path.stem
-    try:
-        font = EmojiFont(path, font_size or max(32, round(image_size * 1.2)), name, ink)
-    except DataError:
-        if font_size is not None:
-            raise
-        font = EmojiFont(path, NOTO_BITMAP_SIZE, name, ink)  # bitmap (CBDT) fonts load at their one size
+    font = _open_font(path, font_size, image_size, name, ink)
     reference_side = float(max(font.glyph_image(REFERENCE_EMOJI).size))
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                 splits[name] = load_split(name, section, reports)
 
     plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective))
-    bs = cfg.data.eval_batch_size
+    bs = cfg.train.eval_batch_size
     text_cache = None
     text_rows: dict[str, int] = {}
     train_split = splits["train"]
@@ -106,7 +106,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
 def _cache_features(model: Any, splits: dict[str, Split], plan: Any, cfg: FinetuneConfig, templates: Sequence[str] | None,
                     accelerator: Any) -> tuple[Any, dict[str, int]]:
     """Frozen towers' features of every split (and of every caption when the text tower is frozen), computed once."""
-    bs, progress, train_split = cfg.data.eval_batch_size, accelerator.is_local_main_process, splits["train"]
+    bs, progress, train_split = cfg.train.eval_batch_size, accelerator.is_local_main_process, splits["train"]
     text_cache, text_rows = None, {}
     model.to(accelerator.device)
     with accelerator.main_process_first():

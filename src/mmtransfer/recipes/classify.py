@@ -58,11 +58,9 @@ class ClassifyDataSection:
     hub_reference: DataConfig | None = None
     # Train-time augmentation for the finetune phases.
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # Batch size for feature extraction and evaluation.
-    eval_batch_size: int = 128
 
     def __post_init__(self) -> None:
-        check_ranges(self, shots=at_least(1), eval_batch_size=at_least(1))
+        check_ranges(self, shots=at_least(1))
 
 
 @dataclass
@@ -195,6 +193,27 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- the recipe
 
 
+def _zero_shot(cfg: ClassifyConfig, base: Any, names: list[str], templates: list[str], test_x: torch.Tensor,
+               test_y: torch.Tensor, features_dir: Path) -> tuple[Any, Any, torch.Tensor, dict[str, float], dict[str, Any]]:
+    """The class-name head (hub-corrected with data.hub_reference), its classifier, test logits, metrics and the results so far."""
+    from ..transfer import ImageClassifier, LinearHead
+
+    reference = _hub_reference(base, cfg, features_dir)
+    zs_head = LinearHead.from_text(base, names, templates, reference, cfg.method.hub_k, cfg.method.hub_weight)
+    zero_shot = ImageClassifier(base, zs_head, names)
+    zs_logits, zs_metrics = evaluate_classifier(zero_shot, test_x, test_y)
+    results: dict[str, Any] = {"mode": cfg.method.mode, "classes": len(names), "test_images": len(test_y),
+                               "chance_top1": 100.0 / len(names), "templates": templates,
+                               "zero_shot": _brief(zs_metrics)}
+    if reference is not None:
+        plain = ImageClassifier(base, LinearHead(zs_head.weight.detach(), scale=float(zs_head.scale)), names)
+        results["zero_shot_plain"] = _brief(evaluate_classifier(plain, test_x, test_y)[1])
+        results["hub"] = {"reference_images": len(reference), "k": cfg.method.hub_k, "weight": cfg.method.hub_weight}
+    logger.info("zero-shot top-1 %.2f%%, top-5 %.2f%% over %d classes (chance %.2f%%)",
+                zs_metrics["top1"], zs_metrics.get("top5", float("nan")), len(names), 100.0 / len(names))
+    return zs_head, zero_shot, zs_logits, zs_metrics, results
+
+
 def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     """Run the configured transfer mode; writes results.json, results.md and plots to the run folder."""
     from .. import data as mmdata
@@ -219,7 +238,7 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     names = read_class_names(cfg.data.class_names_file) if cfg.data.class_names_file else list(test_ds.features["label"].names)
     # The frozen base tower's features stay on disk for later evaluations of models that share it.
     features_dir = cache_root(cfg.data.test) / "features"
-    test_x, test_y = pooled_features(base, test_ds, cfg.data.eval_batch_size, cache_dir=features_dir)
+    test_x, test_y = pooled_features(base, test_ds, cfg.train.eval_batch_size, cache_dir=features_dir)
     if int(test_y.max()) >= len(names):
         raise ValueError(f"The test labels go up to {int(test_y.max())} but there are only {len(names)} class names.")
     # Label remapping (identity for "all"): original label id -> position among the candidates.
@@ -229,21 +248,9 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     val_ds = _relabel(load_split(cfg.data.validation), remap)
     train_ds = _relabel(load_split(cfg.data.train), remap)
     train_ds, draws = _few_shot_draws(train_ds, cfg)
-    train = pooled_features(base, train_ds, cfg.data.eval_batch_size) if train_ds is not None else None
+    train = pooled_features(base, train_ds, cfg.train.eval_batch_size) if train_ds is not None else None
 
-    reference = _hub_reference(base, cfg, features_dir)
-    zs_head = LinearHead.from_text(base, names, templates, reference, cfg.method.hub_k, cfg.method.hub_weight)
-    zero_shot = ImageClassifier(base, zs_head, names)
-    zs_logits, zs_metrics = evaluate_classifier(zero_shot, test_x, test_y)
-    results: dict[str, Any] = {"mode": mode, "classes": len(names), "test_images": len(test_y),
-                               "chance_top1": 100.0 / len(names), "templates": templates,
-                               "zero_shot": _brief(zs_metrics)}
-    if reference is not None:
-        plain = ImageClassifier(base, LinearHead(zs_head.weight.detach(), scale=float(zs_head.scale)), names)
-        results["zero_shot_plain"] = _brief(evaluate_classifier(plain, test_x, test_y)[1])
-        results["hub"] = {"reference_images": len(reference), "k": cfg.method.hub_k, "weight": cfg.method.hub_weight}
-    logger.info("zero-shot top-1 %.2f%%, top-5 %.2f%% over %d classes (chance %.2f%%)",
-                zs_metrics["top1"], zs_metrics.get("top5", float("nan")), len(names), 100.0 / len(names))
+    zs_head, zero_shot, zs_logits, zs_metrics, results = _zero_shot(cfg, base, names, templates, test_x, test_y, features_dir)
     best_logits, best_metrics = zs_logits, zs_metrics
 
     if mode != "zero-shot":
@@ -265,7 +272,7 @@ def run(cfg: ClassifyConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                         runs.setdefault(key, {}).setdefault("alpha", []).append(alpha)
                         runs[key].setdefault("sweep", []).append(sweep)
                     # A trained tower changes the features: recompute them for the test set.
-                    x = pooled_features(clf, test_ds, cfg.data.eval_batch_size)[0] if tower_trained else test_x
+                    x = pooled_features(clf, test_ds, cfg.train.eval_batch_size)[0] if tower_trained else test_x
                     logits, metrics = evaluate_classifier(clf, x, test_y)
                     for m in ("top1", "top5", "macro_f1"):
                         if m in metrics:
@@ -343,7 +350,7 @@ def _hub_reference(base: Any, cfg: ClassifyConfig, features_dir: Path) -> torch.
 
     if cfg.data.hub_reference is None:
         return None
-    ref_x, _ = pooled_features(base, mmdata.load(cfg.data.hub_reference), cfg.data.eval_batch_size, cache_dir=features_dir)
+    ref_x, _ = pooled_features(base, mmdata.load(cfg.data.hub_reference), cfg.train.eval_batch_size, cache_dir=features_dir)
     with torch.no_grad():
         reference = base.project_image(ref_x.to(base.device))  # (N, E) normalised
     logger.info("hub correction: %d reference images (%s), k=%d, weight %.2f",
@@ -418,7 +425,7 @@ def _wise_sweep(cfg: ClassifyConfig, clf: nn.Module, zero_shot: nn.Module, selec
     best = (-1.0, 0.0)
     for alpha in cfg.method.wise_alphas:
         mixed = interpolated(clf, zs_state, alpha)
-        x, y = pooled_features(mixed, select_ds, cfg.data.eval_batch_size, progress=False)
+        x, y = pooled_features(mixed, select_ds, cfg.train.eval_batch_size, progress=False)
         top1 = evaluate_classifier(mixed, x, y)[1]["top1"]
         scores[f"{alpha:g}"] = top1
         if top1 > best[0]:

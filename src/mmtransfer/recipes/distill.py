@@ -36,6 +36,7 @@ from torch import nn
 from ..assemble.domain_run import fit_domain_run
 from ..assemble.domains import AdaptConfig, AdaptDataConfig
 from ..config import ConfigError
+from ..features import FeatureCacheConfig
 from ..models.classifier import BackboneClassifier
 from ..objectives.distill import (
     ClassifyDistillTask,
@@ -69,8 +70,8 @@ class DistillConfig(AdaptConfig):
     # scripts/domain_adapt.py).
     method: MethodConfig = field(default_factory=lambda: MethodConfig(name="none"))
     # The teacher runs on the pixels, so the multimodal student's image features are never cached.
-    data: AdaptDataConfig = field(default_factory=lambda: AdaptDataConfig(cache_features=False))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill", trackers=[]))
+    data: AdaptDataConfig = field(default_factory=lambda: AdaptDataConfig(features=FeatureCacheConfig(cache=False)))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill", trackers=[], eval_batch_size=256))
 
 
 def check_distill_config(cfg: DistillConfig) -> None:
@@ -90,9 +91,9 @@ def check_distill_config(cfg: DistillConfig) -> None:
         if d.kd_weight > 0:
             raise ConfigError("distill.kd_weight needs class logits, which a multimodal model does not make: set distill.kd_weight=0 "
                               "and distil the image embedding with distill.embed_weight.")
-        if cfg.data.cache_features:
-            raise ConfigError("data.cache_features=true: the teacher sees the training images, so distillation cannot train on "
-                              "cached features; set data.cache_features=false.")
+        if cfg.data.features.cache:
+            raise ConfigError("data.features.cache=true: the teacher sees the training images, so distillation cannot train on "
+                              "cached features; set data.features.cache=false.")
     if d.kd_weight == 0 and d.embed_weight == 0:
         raise ConfigError("distill.kd_weight and distill.embed_weight are both 0: nothing would be distilled.")
 

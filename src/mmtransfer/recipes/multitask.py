@@ -118,7 +118,7 @@ def _cache_features(cfg: Any, model: Any, data: _Data, plan: Any, templates: Any
     with accelerator.main_process_first():
         if plan.cache:
             for name, split in splits.items():
-                cache_image_features(model, split, plan, cfg.data.augment, cfg.train.seed, cfg.data.eval_batch_size,
+                cache_image_features(model, split, plan, cfg.data.augment, cfg.train.seed, cfg.train.eval_batch_size,
                                      accelerator.is_local_main_process, train=name in TRAINING_SPLITS,
                                      keep_tokens=plan.keep_tokens and name in CAPTION_SPLITS)
         if plan.text_frozen and (plan.cache or data.classes is not None or data.zero_shot is not None):
@@ -204,7 +204,7 @@ def _eval_loaders(cfg: Any, model: Any, data: _Data, plan: Any, text_cache: Any,
     from .. import data as mmdata
     from ..assemble.captions import retrieval_loaders
 
-    bs, splits = cfg.data.eval_batch_size, data.splits
+    bs, splits = cfg.train.eval_batch_size, data.splits
     loaders: dict[str, Any] = {}
     for name in ("validation", "test"):
         if name in splits:
