@@ -364,3 +364,52 @@ def test_statistic_losses_give_finite_gradients():
         loss(f_s, f_t).loss.backward()
         assert torch.isfinite(f_s.grad).all() and torch.isfinite(f_t.grad).all()
         f_s.grad = f_t.grad = None
+
+
+# ----------------------------------------------------------------------------- the digits recipe's parts
+
+
+def test_lenet_fully_connected_layer():
+    net = LeNet(LeNetConfig(fc_dim=500, dropout=0.5))
+    assert net.width == 500 and net(torch.rand(2, 3, 28, 28)).shape == (2, 500)
+    assert isinstance(net.features[-1], torch.nn.Dropout) and isinstance(net.features[-3], torch.nn.Linear)
+
+
+def test_minimum_class_confusion_prefers_unmixed_predictions():
+    from mmtransfer.losses.domain import minimum_class_confusion
+
+    confident = torch.eye(4).repeat(2, 1) * 10  # (8, 4) every class predicted cleanly
+    mixed = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    assert float(minimum_class_confusion(confident)) < 0.2 < 0.7 < float(minimum_class_confusion(mixed))
+    # Row order does not matter; gradients reach the logits.
+    logits = mixed.clone().requires_grad_(True)
+    loss = minimum_class_confusion(logits)
+    torch.testing.assert_close(loss, minimum_class_confusion(mixed.flip(0)))
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["none", "cdan"])
+def test_mcc_reads_the_target_even_without_a_domain_loss(method):
+    torch.manual_seed(0)
+    task = ClassifyAdaptTask(_tiny_classifier(), MethodConfig(name=method, randomized=False, mcc_weight=1.0))
+    out = task(_batch(), StepInfo(5, 10))
+    assert task.uses_target and "mcc_loss" in out.metrics
+    plain = ClassifyAdaptTask(_tiny_classifier(), MethodConfig(name="none"))
+    assert not plain.uses_target
+    with pytest.raises(ConfigError, match="mcc_weight"):
+        check_config(AdaptConfig(task="multimodal", method=MethodConfig(name="dann", mcc_weight=1.0)))
+
+
+def test_sgd_with_the_inverse_schedule():
+    from mmtransfer.schedules import warmup_inverse
+
+    optim = OptimConfig(name="sgd", lr=0.01, momentum=0.9, schedule="inverse", warmup_steps=0)
+    opt = optim.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert optim.lr_multiplier(0, 1500) == 1.0
+    assert optim.lr_multiplier(1000, 1500) == pytest.approx((1 + 0.001 * 1000) ** -0.75)
+    assert warmup_inverse(5, 100, warmup_steps=10) == 0.5
+    assert isinstance(OptimConfig().make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}]), torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="momentum"):
+        OptimConfig(momentum=1.0)

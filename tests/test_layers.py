@@ -2,7 +2,7 @@
 
     base      config, registry, distributed, schedules, checkpoint
     parts     models/, losses/, data/
-    tasks     objectives/, features, transfer, evaluate, run_folder
+    tasks     objectives/, features, transfer, evaluate, run_folder, selection
     running   train (the loop), assemble (building from a config)
     recipes   recipes/<name>: config -> assemble -> train -> report; never one another
     front     cli, the package's __init__ (public API), scripts/
@@ -22,7 +22,7 @@ LAYERS = {
     "config": 0, "registry": 0, "distributed": 0, "schedules": 0, "checkpoint": 0,
     "models": 1, "losses": 1, "data": 1,
     "objectives": 2, "features": 2, "transfer": 2, "evaluate": 2, "ensemble": 2,
-    "train": 3, "assemble": 3, "run_folder": 2,
+    "train": 3, "assemble": 3, "run_folder": 2, "selection": 2,
     "recipes": 4,
     "cli": 5, "__init__": 5,
 }

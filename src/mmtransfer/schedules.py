@@ -32,6 +32,18 @@ def warmup_linear(step: int, total_steps: int, warmup_steps: int = 0, min_ratio:
     return 1.0 - (1.0 - min_ratio) * progress
 
 
+def warmup_inverse(step: int, total_steps: int, warmup_steps: int = 0, gamma: float = 0.001, power: float = 0.75) -> float:
+    """Linear warm-up, then (1 + gamma * s) ** -power with s the steps after warm-up.
+
+    Example:
+        >>> warmup_inverse(0, 1500), round(warmup_inverse(1500, 1500), 4)
+        (1.0, 0.503)
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return step / warmup_steps
+    return (1.0 + gamma * (step - warmup_steps)) ** -power
+
+
 def dann_lambda(progress: float, gamma: float = 10.0) -> float:
     """Gradient-reversal strength of DANN: 2 / (1 + exp(-gamma * p)) - 1, for progress p in [0, 1].
 

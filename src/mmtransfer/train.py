@@ -40,7 +40,7 @@ from .run_folder import (
     update_summary,
     write_text_atomic,
 )
-from .schedules import LR_SCHEDULES
+from .schedules import LR_SCHEDULES, warmup_inverse
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +50,31 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class OptimConfig:
-    """AdamW with two learning rates and a warm-up schedule."""
+    """The optimizer (AdamW or SGD) with two learning rates and a warm-up schedule."""
 
+    # "adamw", or "sgd" (Nesterov momentum; with schedule "inverse" the usual recipe of
+    # domain-adversarial training from scratch).
+    name: Literal["adamw", "sgd"] = "adamw"
     # Learning rate of new parameters (projections, fusion, heads, temperature).
     lr: float = 1e-3
     # Learning rate of pretrained tower parameters that are trainable.
     tower_lr: float = 1e-5
-    # Decoupled weight decay; never applied to norms, biases or the temperature.
+    # Decoupled weight decay (AdamW) or L2 penalty (SGD); never applied to norms, biases or
+    # the temperature.
     weight_decay: float = 0.05
+    # AdamW: moment decay rates and epsilon.
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    # Learning-rate shape after warm-up: "cosine", "linear" or "constant".
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # SGD: Nesterov momentum.
+    momentum: float = 0.9
+    # Learning-rate shape after warm-up: "cosine", "linear", "constant", or "inverse"
+    # (1 + inverse_gamma * step) ** -inverse_power, which decays slowly and never reaches 0.
+    schedule: Literal["cosine", "linear", "constant", "inverse"] = "cosine"
+    inverse_gamma: float = 0.001
+    inverse_power: float = 0.75
     # Steps of linear warm-up from 0.
     warmup_steps: int = 50
-    # Final learning rate as a fraction of the peak.
+    # Final learning rate as a fraction of the peak (cosine and linear).
     min_lr_ratio: float = 0.0
     # Clip the global gradient norm to this value (0 disables).
     grad_clip: float = 1.0
@@ -73,7 +83,19 @@ class OptimConfig:
         # AdamW refuses betas outside [0, 1) and negative rates, decay and eps, but only once the
         # model and data are loaded; here they fail as the recipe is read.
         check_ranges(self, lr=at_least(0), tower_lr=at_least(0), weight_decay=at_least(0), betas=Range(0, 1, high_open=True),
-                     eps=at_least(0), warmup_steps=at_least(0), min_lr_ratio=FRACTION, grad_clip=at_least(0))
+                     eps=at_least(0), momentum=Range(0, 1, high_open=True), inverse_gamma=at_least(0),
+                     inverse_power=at_least(0), warmup_steps=at_least(0), min_lr_ratio=FRACTION, grad_clip=at_least(0))
+
+    def lr_multiplier(self, step: int, total_steps: int) -> float:
+        """The schedule's multiplier of the peak learning rates at ``step`` (a pure function of the step)."""
+        if self.schedule == "inverse":
+            return warmup_inverse(step, total_steps, self.warmup_steps, self.inverse_gamma, self.inverse_power)
+        return LR_SCHEDULES[self.schedule](step, total_steps, self.warmup_steps, self.min_lr_ratio)
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, nesterov=self.momentum > 0)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=tuple(self.betas), eps=self.eps)
 
 
 @dataclass
@@ -150,7 +172,7 @@ class _TrainState:
 
 
 def parameter_groups(task: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups: towers vs new parameters, each with and without weight decay.
+    """Optimizer groups: towers vs new parameters, each with and without weight decay.
 
     A parameter belongs to a pretrained tower when it sits inside a module that
     declares ``is_pretrained_tower = True`` (the text and image encoders do).
@@ -267,9 +289,7 @@ class Trainer:
         trackers = list(config.trackers)
         set_seed(config.seed, device_specific=False)
         self.state = _TrainState()
-        optimizer = torch.optim.AdamW(
-            parameter_groups(task, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
-        )
+        optimizer = optim.make_optimizer(parameter_groups(task, optim))
         loaders = dict(eval_loaders or {})
         prepare_parts = getattr(train_loader, "prepare_with", None)
         if prepare_parts is not None:
@@ -420,7 +440,7 @@ class Trainer:
 
     def _set_lr(self) -> float:
         o = self.optim_config
-        mult = LR_SCHEDULES[o.schedule](self.state.step, self.config.max_steps, o.warmup_steps, o.min_lr_ratio)
+        mult = o.lr_multiplier(self.state.step, self.config.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * mult
         return mult

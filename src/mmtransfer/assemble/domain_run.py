@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..evaluate import load_points, plot_embeddings, sample_points, save_points
+from ..run_folder import read_metrics
 from .domain_data import (
     collect,
 )
@@ -29,6 +30,7 @@ from .domains import (
     load_sets,
     source_weights,
 )
+from .selection_run import lowest_risk_step
 
 logger = logging.getLogger(__name__)
 
@@ -127,5 +129,9 @@ def fit_domain_run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: Task
                  "embedding_plot": summary.get("embedding_plot")}
         if "domain_share" in summary:
             extra["domain_share"] = summary["domain_share"]
+        selection = lowest_risk_step(read_metrics(run_dir / "metrics.jsonl")[0])
+        if selection is not None:
+            summary["selection"] = extra["selection"] = selection
+            logger.info("Lowest DEV risk (label-free) at step %d of the evaluated steps.", selection["best_step"])
         trainer.add_to_summary(extra)
     return summary

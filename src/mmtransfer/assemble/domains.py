@@ -42,6 +42,7 @@ from .domain_data import (
     zero_shot_candidates,
 )
 from .fast_dev import fast_dev_slice
+from .selection_run import HOLDOUT, TARGET_UNLABELLED, SelectionConfig, hold_out, label_free_metrics, target_sample
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class AdaptConfig:
     data: AdaptDataConfig = field(default_factory=AdaptDataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/domain_adapt", trackers=[], eval_batch_size=256))
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -191,6 +193,10 @@ def check_config(cfg: AdaptConfig) -> None:
         )
     if m.weight < 0:
         raise ConfigError(f"method.weight must be >= 0, got {m.weight}.")
+    if m.mcc_weight > 0 and cfg.task != "classify":
+        raise ConfigError("method.mcc_weight acts on a classifier's target predictions: it needs task=classify.")
+    if cfg.selection.holdout > 0 and (cfg.task != "classify" or cfg.data.target is None):
+        raise ConfigError("selection.holdout needs task=classify and a data.target: the risks weigh held-out source images by target likeness.")
     sources = 1 + len(cfg.data.extra_sources)
     if cfg.data.target is None and m.name != "none" and sources == 1:
         raise ConfigError(
@@ -261,6 +267,9 @@ def load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict[
             logger.info("%s: %d images (%s, split %s)", name, len(loaded.dataset), section.name, section.split)
     parts = [sets.pop(name) for name in list(sections)[: len(sources)]]
     names = [f"{s.name}:{s.split}" if s.split else s.name for s in sources]
+    if cfg.selection.holdout > 0:  # held-out source images for label-free selection; they never train
+        parts, held = (list(x) for x in zip(*(hold_out(p, cfg.selection.holdout, cfg.train.seed) for p in parts)))
+        sets[HOLDOUT] = pool_sources(held, names, need_labels=True)[0]
     pooled, domain = pool_sources(parts, names, need_labels=cfg.task == "classify")
     sets["source"] = pooled
     return sets, reports, Sources(parts, names, pooled, domain)
@@ -271,6 +280,8 @@ def eval_sets(cfg: AdaptConfig, sets: dict[str, Any]) -> dict[str, Any]:
     out = {"source": subset(sets.get("source_test", sets["source"]), cfg.data.max_eval_samples, cfg.train.seed)}
     if "target_test" in sets:
         out["target"] = subset(sets["target_test"], cfg.data.max_eval_samples, cfg.train.seed)
+    if HOLDOUT in sets:
+        out[HOLDOUT] = sets[HOLDOUT]
     return out
 
 
@@ -310,6 +321,10 @@ def build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sou
             target = _loader(list(range(len(sets["target"]))), TensorBatches(pixels["target"], None), bs, True, seed + 1, True)
         eval_loaders = {k: _loader(list(range(len(v))), TensorBatches(pixels[f"eval/{k}"], _labels(v)), ebs, False, seed, False)
                         for k, v in evals.items()}
+        if HOLDOUT in sets:
+            unlabelled = TensorBatches(pixels["target"], torch.full((len(pixels["target"]),), -1))
+            rows = target_sample(len(pixels["target"]), cfg.selection.max_target, seed)
+            eval_loaders[TARGET_UNLABELLED] = _loader(rows, unlabelled, ebs, False, seed, False)
     else:
         aug = cfg.data.augment
         nw = cfg.train.num_workers
@@ -323,16 +338,23 @@ def build_classify(cfg: AdaptConfig, accelerator: Any, sets: dict[str, Any], sou
             target = make_loader(sets["target"], WithoutLabels(LabelCollator(pre, train=True, augment=aug, require_labels=False)),
                                  bs, shuffle=True, seed=seed + 1, num_workers=nw, drop_last=True)
         eval_loaders = {k: make_loader(v, LabelCollator(pre), ebs, num_workers=nw) for k, v in evals.items()}
+        if HOLDOUT in sets:
+            rows = target_sample(len(sets["target"]), cfg.selection.max_target, seed)
+            eval_loaders[TARGET_UNLABELLED] = make_loader(sets["target"].select(rows), LabelCollator(pre, require_labels=False),
+                                                          ebs, num_workers=nw)
     check_loaders(bs, source=source, target=target)
     train_loader = PairedLoader(source, target, steps="max", seed=seed)
 
     def evaluate(task: ClassifyAdaptTask, acc: Any, loaders: dict[str, Any]) -> dict[str, float]:
         feats = {name: collect(loader, task.embed, acc) for name, loader in loaders.items()}
+        unlabelled = feats.pop(TARGET_UNLABELLED, None)
         out = {f"{name}_acc": accuracy(f["logits"], f["labels"]) for name, f in feats.items()}
         if "source" in feats and "target" in feats:
             dacc = task.domain_accuracy(feats["source"], feats["target"])
             if dacc is not None:
                 out["domain_acc"] = 100.0 * dacc
+        if unlabelled is not None:
+            out.update(label_free_metrics(feats[HOLDOUT], unlabelled, seed))
         return out
 
     info = {"num_classes": len(names), "class_names": names, "parameters": sum(p.numel() for p in model.parameters()),

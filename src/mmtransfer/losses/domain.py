@@ -277,6 +277,29 @@ def entropy(probs: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return -(probs * torch.log(probs + eps)).sum(dim=1)
 
 
+def minimum_class_confusion(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
+    """Minimum Class Confusion (Jin et al., ECCV 2020) on unlabelled target logits: (B, C) -> ().
+
+    With temperature-scaled probabilities Y (B, C) and per-example weights
+    w = B * (1 + exp(-H(y))) / sum(1 + exp(-H)) (confident rows count more), the
+    class confusion matrix C = Y^T diag(w) Y, row-normalised; the loss is its
+    off-diagonal mass over the number of classes. It is low when the target
+    predictions do not mix classes, so it pulls target images away from class
+    boundaries without pseudo-labels.
+
+    Example:
+        >>> confident = torch.eye(4) * 20
+        >>> float(minimum_class_confusion(confident)) < float(minimum_class_confusion(torch.zeros(4, 4)))
+        True
+    """
+    probs = F.softmax(logits.float() / temperature, dim=1)  # (B, C)
+    w = 1.0 + torch.exp(-entropy(probs).detach())  # (B,)
+    w = logits.shape[0] * w / w.sum()
+    confusion = (probs * w[:, None]).t() @ probs  # (C, B) @ (B, C) -> (C, C)
+    confusion = confusion / confusion.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return (confusion.sum() - confusion.trace()) / logits.shape[1]
+
+
 class ConditionalDomainAdversarialLoss(nn.Module):
     """CDAN and CDAN+E: the discriminator sees features conditioned on the classifier's predictions.
 

@@ -37,6 +37,9 @@ class LeNetConfig:
     batch_norm: bool = False
     # Channel dropout (Dropout2d) before the last pooling, as in Transfer-Learning-Library's LeNet.
     dropout: float = 0.0
+    # A fully connected layer after the convolutions (Linear -> ReLU -> Dropout at `dropout`),
+    # as in Transfer-Learning-Library's LeNet (500); 0: the flattened maps are the features.
+    fc_dim: int = 0
     # Input colour: "rgb" keeps three channels; "gray" converts to luminance first
     # (one channel; removes colour differences between domains).
     color: Literal["rgb", "gray"] = "rgb"
@@ -51,7 +54,8 @@ class LeNetConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        check_ranges(self, channels=at_least(1), kernel_size=at_least(1), dropout=DROPOUT, image_size=at_least(1))
+        check_ranges(self, channels=at_least(1), kernel_size=at_least(1), dropout=DROPOUT, fc_dim=at_least(0),
+                     image_size=at_least(1))
 
     def preprocess_config(self) -> PreprocessConfig:
         """Resize to ``image_size`` (no crop: digits fill the frame), then the fixed mean/std."""
@@ -66,7 +70,7 @@ class LeNet(nn.Module):
         config: layers, colour handling and input normalisation.
 
     Shapes:
-        (B, 3, S, S) -> (B, width), width = channels[-1] * s^2 with s the final map side
+        (B, 3, S, S) -> (B, width), width = fc_dim, or channels[-1] * s^2 with s the final map side
         (S = 28 and two 5x5 layers: 28 -> 24 -> 12 -> 8 -> 4, so s = 4 and width = 50 * 16 = 800).
 
     Example:
@@ -101,8 +105,11 @@ class LeNet(nn.Module):
                     f"lenet: {len(config.channels)} layers of {config.kernel_size}x{config.kernel_size} convolutions and "
                     f"pooling shrink a {config.image_size} px image to nothing; use fewer layers or a larger image_size."
                 )
-        self.features = nn.Sequential(*layers)
         self.width = c_in * side * side
+        if config.fc_dim:
+            layers += [nn.Flatten(1), nn.Linear(self.width, config.fc_dim), nn.ReLU(inplace=True), nn.Dropout(config.dropout)]
+            self.width = config.fc_dim
+        self.features = nn.Sequential(*layers)
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         """Colour conversion and per-image normalisation: (B, 3, S, S) -> (B, 1 or 3, S, S)."""
@@ -122,5 +129,5 @@ class LeNet(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"LeNet takes pixels of shape (B, 3, S, S); got {tuple(pixels.shape)}.")
-        x = self.features(self.prepare(pixels))  # (B, C, s, s)
-        return x.flatten(1)  # (B, C * s * s)
+        x = self.features(self.prepare(pixels))  # (B, C, s, s), or (B, fc_dim)
+        return x.flatten(1)  # (B, width)

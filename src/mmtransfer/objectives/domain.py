@@ -25,6 +25,7 @@ from ..losses.domain import (
     MultiDomainAdversarialLoss,
     MultipleKernelMMD,
     PairwiseDomainLoss,
+    minimum_class_confusion,
 )
 from ..models.classifier import BackboneClassifier, ClassifierOutput
 from ..schedules import dann_lambda
@@ -81,10 +82,13 @@ class MethodConfig:
     randomized_dim: int = 1024
     # MMD: Gaussian bandwidths sigma^2 as multiples of the batch's mean squared distance.
     mmd_bandwidths: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
+    # classify: weight of Minimum Class Confusion on the target predictions, added to the
+    # method's loss (0: off; works with every method, "none" included).
+    mcc_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_ranges(self, weight=at_least(0), gamma=at_least(0), lambda_max=at_least(0), randomized_dim=at_least(1),
-                     mmd_bandwidths=above(0))
+                     mmd_bandwidths=above(0), mcc_weight=at_least(0))
 
 
 @dataclass
@@ -244,7 +248,7 @@ class ClassifyAdaptTask(nn.Module):
         dim = int(model.backbone.width) if use_pooled else model.features_dim
         domains = num_sources + int(with_target) if self.multi else None
         self.domain_loss = build_domain_loss(method, dim, model.num_classes, seed, num_domains=domains)
-        self.uses_target = self.domain_loss is not None and with_target
+        self.uses_target = (self.domain_loss is not None or method.mcc_weight > 0) and with_target
 
     @property
     def adapts(self) -> bool:
@@ -277,6 +281,10 @@ class ClassifyAdaptTask(nn.Module):
             weighted = self.method.weight * transfer.loss
             loss = loss + weighted
             metrics.update(_log_metrics(transfer, weighted, loss))
+        if self.uses_target and self.method.mcc_weight > 0:
+            mcc = minimum_class_confusion(out.logits[B:])
+            loss = loss + self.method.mcc_weight * mcc
+            metrics["mcc_loss"] = mcc.detach()
         return TaskOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
