@@ -217,7 +217,7 @@ def test_weights_are_estimated_once_saved_and_restored_on_resume(tmp_path, monke
     from safetensors.torch import load_file, save_file
 
     import mmtransfer.assemble.domain_data as domain_data
-    import mmtransfer.assemble.domains as domains
+    import mmtransfer.assemble.reweighting as domains
     import mmtransfer.recipes.adapt as adapt
 
     cfg = _tiny_cfg(tmp_path)
@@ -283,7 +283,7 @@ def test_reweight_config_errors_are_explained():
 
 def test_ratio_features_from_pixels_and_from_a_saved_classifier(tmp_path):
     from mmtransfer import data
-    from mmtransfer.assemble.domains import ratio_features
+    from mmtransfer.assemble.reweighting import ratio_features
 
     ds = data.load(str(_class_folder(tmp_path / "imgs", 0.0, n=3)))
     cfg = AdaptConfig()

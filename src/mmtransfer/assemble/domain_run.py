@@ -28,8 +28,8 @@ from .domains import (
     build_multimodal,
     check_config,
     load_sets,
-    source_weights,
 )
+from .reweighting import source_weights
 from .selection_run import lowest_risk_step
 
 logger = logging.getLogger(__name__)
