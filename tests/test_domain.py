@@ -397,8 +397,6 @@ def test_mcc_reads_the_target_even_without_a_domain_loss(method):
     assert task.uses_target and "mcc_loss" in out.metrics
     plain = ClassifyAdaptTask(_tiny_classifier(), MethodConfig(name="none"))
     assert not plain.uses_target
-    with pytest.raises(ConfigError, match="mcc_weight"):
-        check_config(AdaptConfig(task="multimodal", method=MethodConfig(name="dann", mcc_weight=1.0)))
 
 
 def test_sgd_with_the_inverse_schedule():
@@ -413,3 +411,19 @@ def test_sgd_with_the_inverse_schedule():
     assert isinstance(OptimConfig().make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}]), torch.optim.AdamW)
     with pytest.raises(ConfigError, match="momentum"):
         OptimConfig(momentum=1.0)
+
+
+def test_multimodal_mcc_uses_the_batch_captions_as_classes(tiny_model):
+    import copy
+
+    model = copy.deepcopy(tiny_model).train()
+    model.freeze("both")
+    task = MultimodalAdaptTask(model, MethodConfig(name="none", mcc_weight=1.0))
+    tok = model.tokenize(["a red square", "a blue circle", "a green star", "a red square"])
+    g = torch.Generator().manual_seed(0)
+    batch = {"source": {"pixel_values": torch.randn(4, 3, 32, 32, generator=g), **tok},
+             "target": {"pixel_values": torch.randn(4, 3, 32, 32, generator=g)}}
+    out = task(batch, StepInfo(1, 10))
+    assert task.uses_target and "mcc_loss" in out.metrics
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.image_projection.parameters())

@@ -194,8 +194,6 @@ def check_config(cfg: AdaptConfig) -> None:
         )
     if m.weight < 0:
         raise ConfigError(f"method.weight must be >= 0, got {m.weight}.")
-    if m.mcc_weight > 0 and cfg.task != "classify":
-        raise ConfigError("method.mcc_weight acts on a classifier's target predictions: it needs task=classify.")
     if cfg.selection.holdout > 0 and (cfg.task != "classify" or cfg.data.target is None):
         raise ConfigError("selection.holdout needs task=classify and a data.target: the risks weigh held-out source images by target likeness.")
     sources = 1 + len(cfg.data.extra_sources)

@@ -82,8 +82,9 @@ class MethodConfig:
     randomized_dim: int = 1024
     # MMD: Gaussian bandwidths sigma^2 as multiples of the batch's mean squared distance.
     mmd_bandwidths: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
-    # classify: weight of Minimum Class Confusion on the target predictions, added to the
-    # method's loss (0: off; works with every method, "none" included).
+    # Weight of Minimum Class Confusion on the target predictions (classify: the classes;
+    # multimodal: the batch's source captions), added to the method's loss (0: off; works
+    # with every method, "none" included).
     mcc_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -234,8 +235,9 @@ class ClassifyAdaptTask(nn.Module):
         with_target: whether batches have an unlabelled target part.
 
     Objective:
-        L = sum_i w_i CE(h(f_i), y_i) / sum_i w_i + weight * L_domain(f; lambda(p)),
-        w = 1 without re-weighting, lambda(p) from :func:`grl_lambda`.
+        L = sum_i w_i CE(h(f_i), y_i) / sum_i w_i + weight * L_domain(f; lambda(p)) + mcc_weight * MCC(h(f_t)),
+        w = 1 without re-weighting, lambda(p) from :func:`grl_lambda`, MCC from
+        :func:`mmtransfer.losses.domain.minimum_class_confusion` on the target logits.
     """
 
     def __init__(self, model: BackboneClassifier, method: MethodConfig, seed: int = 0, num_sources: int = 1, with_target: bool = True) -> None:
@@ -316,8 +318,8 @@ class MultimodalAdaptTask(nn.Module):
     ``with_target`` as in :class:`ClassifyAdaptTask`.
 
     Objective:
-        L = InfoNCE_w(z_img_s, z_txt_s) + weight * L_domain(phi_s, phi_t; lambda(p)),
-        phi = the normalised image embedding (default), the tower's pooled features,
+        L = InfoNCE_w(z_img_s, z_txt_s) + weight * L_domain(phi_s, phi_t; lambda(p)) + mcc_weight * MCC(s z_img_t z_txt_s^T),
+        MCC over the batch's source captions as classes; phi = the normalised image embedding (default), the tower's pooled features,
         or fused features. For fused features a target image, having no caption, is
         fused with the source caption of the batch nearest to it in the shared space.
     """
@@ -342,7 +344,7 @@ class MultimodalAdaptTask(nn.Module):
                 "fused": model.fusion.norm.normalized_shape[0] if model.fusion is not None else 0}
         domains = num_sources + int(with_target) if self.multi else None
         self.domain_loss = build_domain_loss(method, dims[where], 0, seed, num_domains=domains)
-        self.uses_target = self.domain_loss is not None and with_target
+        self.uses_target = (self.domain_loss is not None or method.mcc_weight > 0) and with_target
         # Unused parameters must not require gradients under DDP: the fusion stack only
         # serves fused adaptation here, and its matching head never does.
         if model.fusion is not None:
@@ -377,10 +379,15 @@ class MultimodalAdaptTask(nn.Module):
         loss = con.loss
         metrics: dict[str, torch.Tensor | float] = {"contrastive": con.loss.detach(), "acc_i2t": con.accuracy_i2t,
                                                     "logit_scale": scale.detach()}
+        if self.uses_target:
+            img_t = self.image_features(batch["target"])
+            zi_t = model.project_image(img_t.pooled)  # (B', E)
+            if self.method.mcc_weight > 0:
+                # The batch's source captions are the classes a target image is confidently one of.
+                mcc = minimum_class_confusion(scale * zi_t @ zt_s.T)  # (B', E) @ (E, B) -> (B', B)
+                loss = loss + self.method.mcc_weight * mcc
+                metrics["mcc_loss"] = mcc.detach()
         if self.domain_loss is not None:
-            if self.uses_target:
-                img_t = self.image_features(batch["target"])
-                zi_t = model.project_image(img_t.pooled)  # (B', E)
             if self.where == "embedding":
                 f_s, f_t = zi_s, (zi_t if self.uses_target else None)
             elif self.where == "pooled":
