@@ -52,8 +52,11 @@ METHODS: dict[str, tuple[str, str]] = {
     "cdan": ("CDAN", "CDAN"),
     "coral": ("CORAL", "DeepCoral"),
     "mmd": ("MMD", "DAN"),
+    "mcc": ("MCC", "MCC"),
 }
 ADVERSARIAL = ("dann", "cdan")
+# The MCC row: Minimum Class Confusion alone, at this weight and temperature (those of the paper) on both sides.
+MCC_WEIGHT, MCC_TEMPERATURE = 1.0, 2.5
 
 
 def require_skada() -> None:
@@ -75,7 +78,10 @@ def run_config(args: argparse.Namespace, method: str, seed: int) -> Any:
     from mmtransfer.config import ConfigError, load_config
 
     run_dir = Path(args.out) / "mmtransfer" / method / f"seed{seed}"
-    overrides = [*args.overrides, f"method.name={method}", f"train.seed={seed}", "train.trackers=[]", "train.progress_bar=false",
+    # Each row is one method on both sides: the recipe's Minimum Class Confusion only in the MCC row (skada's MCC).
+    mcc = [f"method.mcc_weight={MCC_WEIGHT}"] if method == "mcc" else ["method.mcc_weight=0"]
+    overrides = [*args.overrides, f"method.name={'none' if method == 'mcc' else method}", *mcc, f"train.seed={seed}",
+                 "train.trackers=[]", "train.progress_bar=false",
                  "train.eval_every=0", "train.resume=null", "plot.enabled=false"]
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
@@ -150,7 +156,7 @@ def make_optimizer(optim: Any, groups: list[dict[str, Any]]) -> Any:
 def skada_parts() -> dict[str, Any]:
     """The skada and skorch classes the skada side is made of (imported once skada is known to be there)."""
     import torch
-    from skada.deep import CDAN, DAN, DANN, DeepCoral
+    from skada.deep import CDAN, DAN, DANN, MCC, DeepCoral
     from skada.deep.base import DomainBalancedSampler
     from skada.deep.modules import GradientReversalLayer
     from skorch.callbacks import Callback
@@ -202,7 +208,7 @@ def skada_parts() -> dict[str, Any]:
             if training:
                 self.steps.append([(float(g["lr"]), float(g["base_lr"])) for g in net.optimizer_.param_groups])
 
-    return {"estimators": {"DANN": DANN, "CDAN": CDAN, "DeepCoral": DeepCoral, "DAN": DAN}, "classifier": SkadaClassifier,
+    return {"estimators": {"DANN": DANN, "CDAN": CDAN, "DeepCoral": DeepCoral, "DAN": DAN, "MCC": MCC}, "classifier": SkadaClassifier,
             "discriminator": SkadaDiscriminator, "loader": StepsLoader, "recorder": StepRecorder}
 
 
@@ -259,6 +265,8 @@ def skada_estimator(cfg: Any, method: str, num_classes: int, parts: dict[str, An
         disc = parts["discriminator"](in_dim, m.discriminator, m.lambda_max)
         # skada adds the source and target BCE means; mmtransfer averages them: half the weight is the same objective.
         net = estimator(reg=m.weight / 2, domain_classifier=disc, **extra, **common)
+    elif method == "mcc":
+        net = estimator(reg=MCC_WEIGHT, T=MCC_TEMPERATURE, **common)
     else:
         net = estimator(reg=m.weight, **common)
     # skada's functions fix iterator_train to their DomainBalancedDataLoader; the same batches, a fixed number of them.
@@ -376,6 +384,9 @@ def notes(cfg: Any, methods: list[str]) -> list[str]:
         out.append("DAN vs MMD: skada's DAN sums 33 kernels exp(-|x - y| / sigma), sigmas from the median source distance; "
                    f"mmtransfer's MMD {len(m.mmd_bandwidths)} Gaussian kernels on squared distances scaled by the batch's "
                    f"mean squared distance. reg = method.weight = {m.weight:g}.")
+    if "mcc" in methods:
+        out.append(f"MCC: Minimum Class Confusion alone (mmtransfer: method.name=none, method.mcc_weight={MCC_WEIGHT:g}; skada: "
+                   f"MCC reg={MCC_WEIGHT:g}, T={MCC_TEMPERATURE:g}). The other rows run without it (method.mcc_weight=0).")
     if "coral" in methods:
         out.append(f"DeepCORAL and CORAL compute the same loss, ||C_s - C_t||_F^2 / (4 d^2); reg = method.weight = {m.weight:g}.")
     out.append("Minutes: the whole run (mmtransfer: loading and preprocessing its data, evaluating source and target, "
