@@ -50,11 +50,12 @@ EMOJI = [
     ("emoji_openmoji_noto_no_adapt", None),
     ("emoji_openmoji_noto_dann", "emoji_openmoji_noto_no_adapt"),
 ]
+# The weighted recipes against themselves with re-weighting off (the same network and schedule).
 REWEIGHT = [
-    ("digits_mnist_usps_source_only", None),
-    ("digits_mnist_usps_source_only_weighted", "digits_mnist_usps_source_only"),
-    ("digits_mnist_usps_dann", "digits_mnist_usps_source_only"),
-    ("digits_mnist_usps_dann_weighted", "digits_mnist_usps_source_only"),
+    ("digits_mnist_usps_source_only_weighted", None, ["reweight.method=none"], "source_only_unweighted"),
+    ("digits_mnist_usps_source_only_weighted", "source_only_unweighted"),
+    ("digits_mnist_usps_dann_weighted", "source_only_unweighted", ["reweight.method=none"], "dann_unweighted"),
+    ("digits_mnist_usps_dann_weighted", "source_only_unweighted"),
 ]
 DG_DIGITS = [
     ("digits_dg_mnist_mnistm_usps_pooled", None),

@@ -90,14 +90,20 @@ def test_lowest_risk_step_reads_the_metrics_log():
 
 
 @pytest.mark.slow
-def test_domain_run_logs_label_free_risks(tmp_path, run_script):
-    run = tmp_path / "run"
+def test_domain_run_logs_label_free_risks_and_the_benchmark_recomputes_them(tmp_path, run_script):
+    run = tmp_path / "dann_holdout"
     run_script("scripts/domain_adapt.py", "--config", "configs/digits_mnist_usps_dann.yaml", "--fast-dev-run",
                "selection.holdout=0.25", f"train.output_dir={run}")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["selection"]["best_step"] == 2 and summary["selection"]["by"] == "dev"
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/dev_risk" in line]
     assert evals and {"eval/iwv_risk", "eval/holdout_loss", "eval/holdout_acc"} <= set(evals[-1])
+    # benchmarks/domain_selection.py scores the saved model on the same held-out rows: the same DEV risk.
+    out = run_script("benchmarks/domain_selection.py", str(run), "--clip", "10").stdout
+    row = next(line for line in out.splitlines() if line.startswith("| run |"))
+    assert "DEV clip 10" in row and "**picks**" in out
+    values = next(line for line in out.splitlines() if line.startswith(f"| {run.name} |")).split("|")
+    assert float(values[5]) == pytest.approx(evals[-1]["eval/dev_risk"], rel=1e-3)
 
 
 def test_selection_needs_a_classifier_and_a_target(tmp_path, run_script):
