@@ -1,7 +1,7 @@
 """mmtransfer against skada on MNIST-5k -> USPS: the same network, pixels, steps, optimizer and seeds.
 
-Trains mmtransfer's DANN, CDAN, CORAL and MMD (``mmtransfer.recipes.adapt`` on a
-recipe, ``method.name`` switched) and skada's DANN, CDAN, DeepCORAL and DAN
+Trains mmtransfer's DANN, CDAN, CORAL, MMD and MCC (``mmtransfer.recipes.adapt`` on a
+recipe, ``method.name`` switched) and skada's DANN, CDAN, DeepCORAL, DAN and MCC
 (skorch nets around the recipe's ``BackboneClassifier``), each over the same
 seeds, and prints one table: target accuracy (mean ± std over the seeds) and
 minutes per run for each side. Writes it as markdown and JSON to ``--out``.
@@ -24,7 +24,7 @@ labelled), target ``usps:train`` (9,298 unlabelled), accuracy on ``usps:test``
 What differs (skada has no setting for it) is listed under the table (NOTES).
 
 Examples:
-  python benchmarks/skada_digits.py --threads 1                                # 4 methods x seeds 0 1 2
+  python benchmarks/skada_digits.py --threads 1                                # 5 methods x seeds 0 1 2
   python benchmarks/skada_digits.py --methods dann coral --seeds 0
   python benchmarks/skada_digits.py --steps 50 --seeds 0 --max-samples 1000   # a smoke run
   python benchmarks/skada_digits.py --methods coral mmd -- method.weight=10     # recipe overrides, both sides
