@@ -56,10 +56,10 @@ def test_skada_dann_step_is_ours_with_a_constant_lambda():
 
     bench = load_repo_module("benchmarks/skada_digits.py")
     parts = bench.skada_parts()
-    cfg = load_config(AdaptConfig, REPO / "configs" / "digits_mnist_usps_dann.yaml", ["method.schedule=constant"])
+    cfg = load_config(AdaptConfig, REPO / "configs" / "digits_mnist_usps_dann.yaml", ["method.schedule=constant", "method.mcc_weight=0"])
     torch.manual_seed(0)
     ours = ClassifyAdaptTask(BackboneClassifier(cfg.classifier, 10), cfg.method).train()
-    disc = parts["discriminator"](500, cfg.method.discriminator, cfg.method.lambda_max)
+    disc = parts["discriminator"](ours.model.features_dim, cfg.method.discriminator, cfg.method.lambda_max)
     disc.net.load_state_dict(ours.domain_loss.discriminator.state_dict())
     theirs = DomainAwareModule(parts["classifier"](copy.deepcopy(ours.model)), "classifier.bottleneck", disc).train()
     criterion = DomainAwareCriterion(torch.nn.CrossEntropyLoss(), DANNLoss(), reg=cfg.method.weight / 2)
