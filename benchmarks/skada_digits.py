@@ -362,7 +362,8 @@ def notes(cfg: Any, methods: list[str]) -> list[str]:
            "same initial weights (set_seed(seed) just before it is built, as the trainer does), the same preprocessed "
            f"pixels, {t.batch_size} source + {t.batch_size} target images per step, {t.max_steps} optimizer steps (counted "
            f"on both), {opt} lr {o.lr:g}, weight decay {o.weight_decay:g} (not on biases and norms), {o.schedule} schedule "
-           f"with {o.warmup_steps} warm-up steps (set per batch, checked on skada's side), " + (f"gradient norm clipped at {o.grad_clip:g}" if o.grad_clip > 0 else "no gradient clipping")
+           f"with {o.warmup_steps} warm-up steps (set per batch, checked on skada's side), "
+           + (f"gradient norm clipped at {o.grad_clip:g}" if o.grad_clip > 0 else "no gradient clipping")
            + "; target accuracy after the last step."]
     if any(x in ADVERSARIAL for x in methods):
         out.append("DANN, CDAN: skada's default DomainClassifier (100 hidden units) ends in a Softmax over its single "
