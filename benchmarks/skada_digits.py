@@ -130,26 +130,6 @@ def load_tensors(cfg: Any) -> DigitTensors:
                         _labels(test), names, time.perf_counter() - started)
 
 
-def lr_multiplier(optim: Any, step: int, total: int) -> float:
-    """The trainer's learning-rate multiplier at ``step`` (``OptimConfig.lr_multiplier`` where the version has it)."""
-    own = getattr(optim, "lr_multiplier", None)
-    if own is not None:
-        return float(own(step, total))
-    from mmtransfer.schedules import LR_SCHEDULES
-
-    return LR_SCHEDULES[optim.schedule](step, total, optim.warmup_steps, optim.min_lr_ratio)
-
-
-def make_optimizer(optim: Any, groups: list[dict[str, Any]]) -> Any:
-    """The trainer's optimizer over ``groups`` (``OptimConfig.make_optimizer`` where the version has it: AdamW or SGD)."""
-    own = getattr(optim, "make_optimizer", None)
-    if own is not None:
-        return own(groups)
-    import torch
-
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-
-
 # ----------------------------------------------------------------------------- skada's side
 
 
@@ -231,7 +211,7 @@ class MatchedOptimizer:
         holder = nn.Module()
         holder.classifier = self.classifier
         holder.rest = nn.ParameterList([p for g in groups for p in g["params"] if id(p) not in mine])
-        return make_optimizer(self.optim, parameter_groups(holder, self.optim))
+        return self.optim.make_optimizer(parameter_groups(holder, self.optim))
 
 
 def skada_estimator(cfg: Any, method: str, num_classes: int, parts: dict[str, Any], device: str) -> tuple[Any, Any]:
@@ -247,7 +227,7 @@ def skada_estimator(cfg: Any, method: str, num_classes: int, parts: dict[str, An
     dim = int(classifier.backbone.width) if pooled else classifier.features_dim
     recorder = parts["recorder"]()
     callbacks = [LRScheduler(policy=torch.optim.lr_scheduler.LambdaLR, step_every="batch",
-                             lr_lambda=lambda step: lr_multiplier(o, step, t.max_steps)), ("steps", recorder)]
+                             lr_lambda=lambda step: o.lr_multiplier(step, t.max_steps)), ("steps", recorder)]
     if o.grad_clip > 0:
         callbacks.append(GradientNormClipping(gradient_clip_value=o.grad_clip))
     common = dict(module=parts["classifier"](classifier), layer_name="classifier.backbone" if pooled else "classifier.bottleneck",
@@ -303,7 +283,7 @@ def check_skada_steps(cfg: Any, steps: list[list[tuple[float, float]]]) -> None:
     if len(steps) != total:
         raise RuntimeError(f"skada made {len(steps)} optimizer steps, mmtransfer makes {total}: the step counts must match.")
     for step, groups in enumerate(steps):
-        mult = lr_multiplier(o, step, total)
+        mult = o.lr_multiplier(step, total)
         for lr, base in groups:
             if abs(lr - base * mult) > 1e-9 * max(base, 1e-12):
                 raise RuntimeError(f"skada's learning rate at step {step} is {lr:.3g}, the trainer's {base * mult:.3g}: "

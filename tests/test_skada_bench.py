@@ -30,7 +30,7 @@ def test_step_check_refuses_another_count_or_rate():
     bench = load_repo_module("benchmarks/skada_digits.py")
     cfg = load_config(AdaptConfig, REPO / "configs" / "digits_mnist_usps_dann.yaml", ["train.max_steps=4"])
     lr = cfg.optim.lr
-    steps = [[(lr * bench.lr_multiplier(cfg.optim, s, 4), lr)] for s in range(4)]  # (lr, base_lr) of the one group
+    steps = [[(lr * cfg.optim.lr_multiplier(s, 4), lr)] for s in range(4)]  # (lr, base_lr) of the one group
     bench.check_skada_steps(cfg, steps)
     with pytest.raises(RuntimeError, match="3 optimizer steps, mmtransfer makes 4"):
         bench.check_skada_steps(cfg, steps[:3])
