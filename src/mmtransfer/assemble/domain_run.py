@@ -7,7 +7,6 @@ loop, draws the embedding plot and writes the summary.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -45,14 +44,7 @@ def domain_share(run_dir: Path) -> float | None:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
-    values = []
-    for line in path.read_text().splitlines():
-        try:
-            v = json.loads(line).get("train/domain_share")
-        except json.JSONDecodeError:
-            continue
-        if v is not None:
-            values.append(float(v))
+    values = [float(r["train/domain_share"]) for r in read_metrics(path)[0] if r.get("train/domain_share") is not None]
     return sum(values) / len(values) if values else None
 
 
