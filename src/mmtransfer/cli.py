@@ -130,9 +130,10 @@ def run_main(fn: Any, *args: Any) -> Any:
     from .distributed import LaunchError
     from .registry import ModelFileError, UnknownModelError
     from .run_folder import RunFolderError
+    from .towers import TowerNotInstalledError
 
     known: tuple[type[BaseException], ...] = (_ConfigError, UnknownModelError, ModelFileError, FileNotFoundError,
-                                              CheckpointError, LaunchError, RunFolderError)
+                                              CheckpointError, LaunchError, RunFolderError, TowerNotInstalledError)
     try:
         from .data.config import DataError
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
+
+
+ENV_CACHE_DIR = "MMTRANSFER_CACHE_DIR"
+
+
+def cache_home() -> Path:
+    """Where built data sets, feature caches and converted towers go: ``$MMTRANSFER_CACHE_DIR``, else ``~/.cache/mmtransfer``."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mmtransfer"
 
 
 class ConfigError(ValueError):

