@@ -29,6 +29,7 @@ from . import checkpoint
 from .config import FRACTION, Range, at_least, check_ranges, to_dict
 from .distributed import check_launch, has_accelerator_device, launched_processes
 from .evaluate import plot_curves
+from .losses.l2sp import L2SP, tower_parameter_ids
 from .objectives.base import StepInfo, TaskOutput
 from .run_folder import (
     CHECKPOINT_PREFIX,
@@ -78,12 +79,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     # Clip the global gradient norm to this value (0 disables).
     grad_clip: float = 1.0
+    # L2-SP strength alpha (0 disables): adds alpha/2 * sum ||w - w0||^2 over trainable pretrained-tower weights, w0 their
+    # pretrained values, logged as train/l2sp (train/loss stays the task loss); it replaces weight_decay for those weights.
+    l2sp: float = 0.0
 
     def __post_init__(self) -> None:
         # AdamW refuses betas outside [0, 1) and negative rates, decay and eps, but only once the
         # model and data are loaded; here they fail as the recipe is read.
-        check_ranges(self, lr=at_least(0), tower_lr=at_least(0), weight_decay=at_least(0), betas=Range(0, 1, high_open=True),
-                     eps=at_least(0), momentum=Range(0, 1, high_open=True), inverse_gamma=at_least(0),
+        check_ranges(self, lr=at_least(0), tower_lr=at_least(0), weight_decay=at_least(0), l2sp=at_least(0), eps=at_least(0),
+                     betas=Range(0, 1, high_open=True), momentum=Range(0, 1, high_open=True), inverse_gamma=at_least(0),
                      inverse_power=at_least(0), warmup_steps=at_least(0), min_lr_ratio=FRACTION, grad_clip=at_least(0))
 
     def lr_multiplier(self, step: int, total_steps: int) -> float:
@@ -176,12 +180,9 @@ def parameter_groups(task: nn.Module, optim: OptimConfig) -> list[dict[str, Any]
 
     A parameter belongs to a pretrained tower when it sits inside a module that
     declares ``is_pretrained_tower = True`` (the text and image encoders do).
-    Norm weights, biases and scalars (the temperature) get no weight decay.
+    Norm weights, biases and scalars (the temperature) get no weight decay, nor towers under L2-SP.
     """
-    tower_params: set[int] = set()
-    for module in task.modules():
-        if getattr(module, "is_pretrained_tower", False):
-            tower_params.update(id(p) for p in module.parameters())
+    tower_params = tower_parameter_ids(task)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for _, p in task.named_parameters():
@@ -196,7 +197,7 @@ def parameter_groups(task: nn.Module, optim: OptimConfig) -> list[dict[str, Any]
             "params": params,
             "lr": optim.tower_lr if is_tower else optim.lr,
             "base_lr": optim.tower_lr if is_tower else optim.lr,
-            "weight_decay": optim.weight_decay if decays else 0.0,
+            "weight_decay": optim.weight_decay if decays and not (is_tower and optim.l2sp > 0) else 0.0,
             "name": f"{'tower' if is_tower else 'new'}{'' if decays else '/no_decay'}",
         })
     if not out:
@@ -303,6 +304,7 @@ class Trainer:
             prepared = self.accelerator.prepare(task, optimizer, train_loader, *loaders.values())
             self.task, self.optimizer, self.train_loader = prepared[:3]
             self.eval_loaders = dict(zip(loaders, prepared[3:]))
+        self.l2sp = L2SP(task, optim.l2sp)  # w0 on the parameters' device (after prepare), before fit() resumes
         self._evaluate = evaluate
         self._export = export
         self.run_config = run_config
@@ -510,7 +512,7 @@ class Trainer:
                             f"The loss became {float(out.loss)} at step {self.state.step}. Lower optim.lr, "
                             "check the data, or try train.mixed_precision=no."
                         )
-                    acc.backward(out.loss)
+                    acc.backward(self.l2sp.add_to(out.loss, out.metrics))  # logs train/l2sp; train/loss is out.loss
                     if acc.sync_gradients:
                         if self.optim_config.grad_clip > 0:
                             norm = acc.clip_grad_norm_(self.task.parameters(), self.optim_config.grad_clip)
