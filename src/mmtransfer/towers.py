@@ -228,7 +228,7 @@ def onnx_vit_state_dict(onnx_path: Path) -> dict:
         for fc in ("fc1", "fc2"):
             out[tm + f"mlp.{fc}.weight"] = linear[hf + f"mlp.{fc}"]
             out[tm + f"mlp.{fc}.bias"] = named[hf + f"mlp.{fc}.bias"]
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in out.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in out.items()}
 
 
 def _convert_vit(files: list[Path], out: Path) -> None:
