@@ -9,6 +9,7 @@ Public API::
     report = data.validate("my_photos/"); print(report)  # every image decoded, captions/labels checked
     collate = data.CaptionCollator.from_model(model, train=True)
     loader = data.make_loader(ds, collate, batch_size=64, shuffle=True, num_workers=2)
+    data.write_shards(ds, "shards/", samples_per_shard=1000)   # then train on "wds:shards/" (docs/data.md)
 
 Importing this package is light (standard library only); ``datasets``, PIL and
 torch are imported when a function needs them.
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
         undecoded,
     )
     from .images import image_problem, open_image
+    from .shard_writer import write_shards
+    from .streaming import ShardStream, StreamLoader
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -48,6 +51,8 @@ __all__ = [
     "PairedLoader",
     "Problem",
     "RetrievalSet",
+    "ShardStream",
+    "StreamLoader",
     "emoji_build_info",
     "image_problem",
     "list_datasets",
@@ -58,6 +63,7 @@ __all__ = [
     "retrieval_set",
     "undecoded",
     "validate",
+    "write_shards",
 ]
 
 _LAZY = {
@@ -72,6 +78,9 @@ _LAZY = {
     "emoji_build_info": "builtin",
     "image_problem": "images",
     "open_image": "images",
+    "ShardStream": "streaming",
+    "StreamLoader": "streaming",
+    "write_shards": "shard_writer",
 }
 
 

@@ -66,7 +66,9 @@ class DataConfig:
     # A built-in set (openmoji, noto-emoji, glyphs, mnist5k, usps, mnist_m), a local path (an
     # image folder with metadata.jsonl/.csv, a folder of class sub-folders, a caption
     # table .csv/.jsonl/.tsv, a folder written by save_to_disk, a .npz archive), or a
-    # Hugging Face hub dataset id "owner/name" (or "hf:name") for online users.
+    # Hugging Face hub dataset id "owner/name" (or "hf:name") for online users. The caption
+    # recipe's data.train also streams shards: "wds:<folder or shard-{000000..000009}.tar>"
+    # (WebDataset tars) or "parquet:<folder or *.parquet>" (docs/data.md).
     name: str = "openmoji"
     # Split to load. Emoji sets: train, validation, test, unseen or all; digits: train
     # or test. None: "train" for built-ins and saved/hub sets, every row for folders

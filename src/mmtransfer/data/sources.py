@@ -44,6 +44,7 @@ from .staging import (
     readable_name,
     standard_features,
 )
+from .shards import is_stream
 from .tables import stage_caption_table
 
 if TYPE_CHECKING:
@@ -453,6 +454,10 @@ def unknown_name_error(name: str) -> DataError:
 def stage(config: DataConfig) -> Staged:
     """Read the source named by ``config.name`` into the standard layout (not yet scanned)."""
     name = config.name
+    if is_stream(name):
+        raise DataError(f"'{name}' names shards, read as a stream while training: only data.train of "
+                        "scripts/finetune_captions.py (without a tasks section) reads them (docs/data.md, \"Caption data "
+                        "bigger than memory\"). Give this section a folder or table, e.g. the one the shards were written from.")
     if name in BUILTIN_DATASETS:
         from .builtin import stage_builtin
 
