@@ -458,8 +458,8 @@ class Trainer:
             if self.state.batches_in_epoch:
                 if isinstance(loader, torch.utils.data.DataLoader):
                     source = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
-                else:  # any other iterable (e.g. paired source/target loaders): read and drop
-                    skip = self.state.batches_in_epoch
+                else:  # other iterables (paired loaders): read and drop, unless they skip by themselves (streams)
+                    skip = loader.resume_at(self.state.batches_in_epoch) if hasattr(loader, "resume_at") else self.state.batches_in_epoch
             # Starting an epoch draws worker seeds from the global RNG. Doing it inside a fork seeded
             # by (seed, epoch) leaves the global stream untouched, so an epoch resumed mid-way sees
             # the same dropout and negative sampling as an uninterrupted run.

@@ -69,9 +69,12 @@ class CaptionDataSection:
     # Also report retrieval after re-ranking each query's top K candidates with the
     # fusion layer's matching score (ALBEF-style; 0 disables).
     rerank_k: int = 0
+    # Streamed training shards (train.name "wds:..." or "parquet:..."): samples each DataLoader
+    # worker holds to shuffle them (0: shard order only; the shard order is shuffled every epoch).
+    shuffle_buffer: int = 1000
 
     def __post_init__(self) -> None:
-        check_ranges(self, augmented_copies=at_least(0), rerank_k=at_least(0))
+        check_ranges(self, augmented_copies=at_least(0), rerank_k=at_least(0), shuffle_buffer=at_least(0))
 
 
 @dataclass
@@ -165,6 +168,31 @@ def load_split(name: str, section: DataConfig, reports: dict[str, Any]) -> Split
     split = Split(name, ds, captions_of(ds) if "captions" in ds.column_names else [])
     logger.info("%s: %d images, %d captions (%s)", name, len(ds), sum(map(len, split.captions)), section.name)
     return split
+
+
+def stream_loader(model: Any, cfg: FinetuneConfig, templates: Sequence[str] | None, accelerator: Any) -> Any:
+    """Training batches streamed from the shards ``cfg.data.train`` names (:class:`~mmtransfer.data.StreamLoader`)."""
+    from ..data.collate import CaptionCollator
+    from ..data.streaming import ShardStream, StreamLoader
+
+    collate = CaptionCollator.from_model(model, train=True, augment=cfg.data.augment, seed=cfg.train.seed, templates=templates)
+    stream = ShardStream(cfg.data.train, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed,
+                         batch_size=cfg.train.batch_size, collate_fn=collate, num_workers=cfg.train.num_workers,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loader = StreamLoader(stream, seed=cfg.train.seed)
+    logger.info("train: streaming %d %s shard(s), %d samples; %d steps per epoch on each of %d process(es).",
+                len(stream.paths), stream.kind, sum(stream.counts), len(loader), accelerator.num_processes)
+    return loader
+
+
+def streaming_plan(plan: "FeaturePlan", data: CaptionDataSection) -> "FeaturePlan":
+    """A streamed training split is read afresh every epoch: never a feature cache (every split then runs its towers)."""
+    import dataclasses
+
+    if plan.cache or data.augmented_copies:
+        logger.info("train streams from %s: no feature cache (it cannot hold an unbounded stream); the frozen towers run "
+                    "on every batch%s.", data.train.name, ", and data.augmented_copies is not used" if data.augmented_copies else "")
+    return dataclasses.replace(plan, cache=False, copies=0)
 
 
 @dataclass

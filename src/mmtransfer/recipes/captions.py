@@ -23,6 +23,8 @@ from ..assemble.captions import (
     feature_plan,
     load_split,
     retrieval_loaders,
+    stream_loader,
+    streaming_plan,
 )
 from ..run_folder import example_image_code, save_example_image
 
@@ -35,6 +37,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     A config with a ``tasks`` section is a multi-task run (:class:`MultitaskConfig`, :mod:`mmtransfer.recipes.multitask`).
     """
     from ..assemble.fast_dev import fast_dev_slice
+    from ..data.shards import is_stream
     from ..objectives.captions import CaptionObjective, CaptionTask, evaluate_retrieval
     from ..train import Trainer, make_accelerator
 
@@ -48,26 +51,30 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         logger.info("Model:\n%s", model.parameter_summary())
 
     # Data: main process first, so built-in sets are rendered once and read by the others.
+    # Streamed training shards (wds:/parquet:) are read while training: no split to load.
+    streaming = is_stream(cfg.data.train.name)
     reports: dict[str, Any] = {}
     splits: dict[str, Split] = {}
     with accelerator.main_process_first():
         for name, section in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)):
-            if section is not None:
+            if section is not None and not (streaming and name == "train"):
                 splits[name] = load_split(name, section, reports)
 
     plan = feature_plan(model, cfg.data, keep_tokens=CaptionObjective.uses_itm(model, cfg.objective))
     bs = cfg.train.eval_batch_size
     text_cache = None
     text_rows: dict[str, int] = {}
-    train_split = splits["train"]
-    if cfg.objective.positives == "label" and "label" not in train_split.dataset.column_names:
+    train_split = splits.get("train")
+    if cfg.objective.positives == "label" and (train_split is None or "label" not in train_split.dataset.column_names):
         raise ValueError(f"objective.positives=label needs class labels, but the training data ({cfg.data.train.name}) "
                          "has no 'label' column; use objective.positives=caption.")
 
+    plan = streaming_plan(plan, cfg.data) if streaming else plan  # a stream is never cached
     if plan.cache:
         text_cache, text_rows = _cache_features(model, splits, plan, cfg, templates, accelerator)
-
-    train_loader = _train_loader(model, train_split, plan, cfg, text_cache, text_rows, templates)
+    train_loader = (stream_loader(model, cfg, templates, accelerator) if streaming
+                    else _train_loader(model, train_split, plan, cfg, text_cache, text_rows, templates))
+    reports_out: dict[str, Any] = {"train": train_loader.report} if streaming else {}
 
     loaders: dict[str, Any] = {}
     for name in ("validation", "test"):
@@ -82,8 +89,9 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
         out = task.evaluate_retrieval(acc, prepared["validation/images"], prepared["validation/captions"], cfg.data.rerank_k)
         return {f"val/{k}": v for k, v in out.items()}
 
-    summary_extra = {"data": {k: r.to_dict() for k, r in reports.items()},
-                     "feature_cache": bool(plan.cache), "augmented_copies": len(train_split.augmented_feats)}
+    reports_out.update({k: r.to_dict() for k, r in reports.items()})
+    summary_extra = {"data": reports_out, "feature_cache": bool(plan.cache),
+                     "augmented_copies": len(train_split.augmented_feats) if train_split else 0}
     trainer = Trainer(task, train_loader, cfg.train, cfg.optim, evaluate=evaluate, eval_loaders=loaders,
                       run_config=cfg, export=lambda t, d: t.model.save_pretrained(d), summary_extra=summary_extra,
                       accelerator=accelerator)
@@ -98,6 +106,8 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
                "steps": result.step, "validation": result.metrics, "test": test_metrics}
     trainer.add_to_summary({"test_metrics": test_metrics})
+    if streaming:  # every process's bad samples, not the main process's alone
+        trainer.add_to_summary({"data": {**reports_out, "train": train_loader.gathered_report()}})
     if accelerator.is_main_process:
         summary["example_image"] = save_example_image([s.dataset for s in splits.values()], result.run_dir)
     return summary
