@@ -180,7 +180,7 @@ def stream_loader(model: Any, cfg: FinetuneConfig, templates: Sequence[str] | No
                          batch_size=cfg.train.batch_size, collate_fn=collate, num_workers=cfg.train.num_workers,
                          rank=accelerator.process_index, world_size=accelerator.num_processes)
     loader = StreamLoader(stream, seed=cfg.train.seed)
-    logger.info("train: streaming %d %s shard(s), %d samples; %d steps per epoch on each of %d process(es).",
+    logger.info("train: streaming %d %s shard(s), %d samples; %d step(s) per epoch on each of %d process(es).",
                 len(stream.paths), stream.kind, sum(stream.counts), len(loader), accelerator.num_processes)
     return loader
 
