@@ -209,6 +209,12 @@ class ModelConfig:
     init_temperature: float = 0.07
     # The learnable logit scale 1/temperature is clamped to at most this value.
     max_logit_scale: float = 100.0
+    # Gradient (activation) checkpointing in both towers: each block's activations are
+    # recomputed in the backward pass instead of kept, for less memory and about a third
+    # more compute per step (docs/results/benchmarks.md). Only training with gradients
+    # through a tower changes; frozen towers, cached features and evaluation run as before.
+    # A CNN with batch norm in training updates its running statistics twice per step.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         # The logit scale is clamped to [1, max_logit_scale], so below 1 the clamp has no room.

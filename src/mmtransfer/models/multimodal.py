@@ -85,6 +85,8 @@ class MultimodalModel(nn.Module):
             if config.fusion.num_layers > 0
             else None
         )
+        if config.gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
 
     # -- construction --------------------------------------------------------------
 
@@ -260,6 +262,17 @@ class MultimodalModel(nn.Module):
         for enc in self._towers(tower):
             enc.requires_grad_(True)
         self.train(self.training)
+        return self
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> "MultimodalModel":
+        """Recompute both towers' blocks in the backward pass instead of keeping their activations.
+
+        The setting is ``config.gradient_checkpointing``, so it is saved with the model. It
+        matters only when training with gradients through a tower.
+        """
+        self.text_encoder.set_gradient_checkpointing(enable)
+        self.image_encoder.set_gradient_checkpointing(enable)
+        self.config = replace(self.config, gradient_checkpointing=enable)
         return self
 
     def train(self, mode: bool = True) -> "MultimodalModel":

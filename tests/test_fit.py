@@ -1,0 +1,135 @@
+"""Towers that fit: gradient checkpointing, torch.compile and the accelerate config files (issue #23, part 3)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import mmtransfer
+from mmtransfer.config import ImageEncoderConfig
+from mmtransfer.losses import ContrastiveLoss
+from mmtransfer.registry import get_preset
+
+
+def _tiny(**changes) -> mmtransfer.MultimodalModel:
+    """The tiny random preset without dropout (so two forward passes are comparable), in training mode."""
+    cfg = get_preset("tiny-random")
+    cfg.text.config_overrides.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return mmtransfer.create_model(dataclasses.replace(cfg, **changes)).train()
+
+
+def _batch(model, n: int = 4, size: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    texts = ["a red square", "two blue circles on a line", "nothing", "a small green triangle"][:n]
+    return {"pixel_values": torch.randn(n, 3, size, size, generator=g), **model.tokenize(texts)}
+
+
+def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, fuse=False)
+    loss = ContrastiveLoss()(out.image_embeds, out.text_embeds, out.logit_scale).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a: tuple, b: tuple) -> None:
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients():
+    plain = _tiny()
+    ckpt = copy.deepcopy(plain).set_gradient_checkpointing(True)
+    assert ckpt.config.gradient_checkpointing and ckpt.text_encoder.gradient_checkpointing
+    assert ckpt.image_encoder.gradient_checkpointing and not plain.text_encoder.gradient_checkpointing
+    batch = _batch(plain)
+    reference = _loss_and_grads(plain, batch)
+    assert any(n.startswith("text_encoder.model.encoder.layer.0.") for n in reference[1])
+    assert any(n.startswith("image_encoder.backbone.blocks.0.") for n in reference[1])
+    _assert_same(reference, _loss_and_grads(ckpt, batch))
+
+
+def test_checkpointing_recomputes_the_blocks_in_backward():
+    """It is really on: every tower block runs twice per training step (forward, then again in backward)."""
+    model = _tiny(gradient_checkpointing=True)
+    calls = {"text": 0, "image": 0}
+    # Hooks on a module inside each block (transformers checkpoints a layer's forward, inside its own hooks).
+    model.text_encoder.model.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    model.image_encoder.backbone.blocks[0].attn.register_forward_hook(lambda *_: calls.__setitem__("image", calls["image"] + 1))
+    _loss_and_grads(model, _batch(model))
+    assert calls == {"text": 2, "image": 2}
+    calls.update(text=0, image=0)
+    with torch.no_grad():  # no gradients: nothing to recompute
+        model(**_batch(model), fuse=False)
+    model.eval()
+    model(**_batch(model), fuse=False)
+    assert calls == {"text": 2, "image": 2}
+
+
+def test_frozen_towers_are_untouched_by_checkpointing():
+    """Frozen towers build no graph and give the same features; only the trainable parts get gradients."""
+    plain = _tiny().freeze("both")
+    ckpt = copy.deepcopy(plain).set_gradient_checkpointing(True)
+    batch = _batch(plain)
+    out = ckpt(**batch, fuse=False)
+    assert not out.text.pooled.requires_grad and not out.image.pooled.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(out.text.pooled, plain(**batch, fuse=False).text.pooled)
+    reference, checkpointed = _loss_and_grads(plain, batch), _loss_and_grads(ckpt, batch)
+    _assert_same(reference, checkpointed)
+    assert not any(n.startswith(("text_encoder.", "image_encoder.")) for n in checkpointed[1])
+
+
+def test_checkpointing_with_one_tower_partly_frozen():
+    plain = _tiny().freeze("text", keep_last_blocks=1)
+    ckpt = copy.deepcopy(plain).set_gradient_checkpointing(True)
+    batch = _batch(plain)
+    reference = _loss_and_grads(plain, batch)
+    assert any(n.startswith("text_encoder.model.encoder.layer.1.") for n in reference[1])
+    assert not any(n.startswith("text_encoder.model.encoder.layer.0.") for n in reference[1])
+    _assert_same(reference, _loss_and_grads(ckpt, batch))
+
+
+def test_checkpointing_survives_save_and_load(tmp_path):
+    model = _tiny(gradient_checkpointing=True)
+    model.save_pretrained(tmp_path / "m")
+    loaded = mmtransfer.load(tmp_path / "m")
+    assert loaded.config.gradient_checkpointing
+    assert loaded.text_encoder.gradient_checkpointing and loaded.image_encoder.gradient_checkpointing
+    loaded.set_gradient_checkpointing(False)
+    assert not loaded.text_encoder.gradient_checkpointing and not loaded.config.gradient_checkpointing
+
+
+def test_checkpointing_a_torchvision_resnet():
+    image = ImageEncoderConfig(name="torchvision:resnet18", pretrained=False, image_size=32)
+    plain = _tiny(image=image)
+    plain.image_encoder.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)  # no stats updates
+    ckpt = copy.deepcopy(plain).set_gradient_checkpointing(True)
+    ckpt.image_encoder.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
+    batch = _batch(plain)
+    _assert_same(_loss_and_grads(plain, batch), _loss_and_grads(ckpt, batch))
+
+
+def test_the_recipe_key_reaches_built_and_loaded_models(tmp_path):
+    """model.gradient_checkpointing=true in a caption recipe: on in the built model, and in one started from a folder."""
+    from mmtransfer.assemble.captions import FinetuneConfig, build_model
+    from mmtransfer.config import apply_overrides, from_dict
+
+    data = apply_overrides({}, ["model.gradient_checkpointing=true"], FinetuneConfig)
+    cfg = from_dict(FinetuneConfig, data)
+    cfg.model = dataclasses.replace(get_preset("tiny-random"), gradient_checkpointing=True)
+    assert build_model(cfg).image_encoder.gradient_checkpointing
+    _tiny().save_pretrained(tmp_path / "saved")  # saved without it
+    cfg = from_dict(FinetuneConfig, {**data, "init_from": str(tmp_path / "saved")})
+    model = build_model(cfg)
+    assert model.text_encoder.gradient_checkpointing and cfg.model.gradient_checkpointing
