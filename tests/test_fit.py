@@ -133,3 +133,31 @@ def test_the_recipe_key_reaches_built_and_loaded_models(tmp_path):
     cfg = from_dict(FinetuneConfig, {**data, "init_from": str(tmp_path / "saved")})
     model = build_model(cfg)
     assert model.text_encoder.gradient_checkpointing and cfg.model.gradient_checkpointing
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_compiled_training_runs_and_saves_plain_weights(tmp_path):
+    """train.compile: a few steps of the caption task compile, give a finite loss, and save the usual weight names."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mmtransfer.objectives.captions import CaptionObjectiveConfig, CaptionTask
+    from mmtransfer.train import OptimConfig, TrainConfig, Trainer
+
+    model = _tiny()
+    task = CaptionTask(model, CaptionObjectiveConfig(itm_weight=0.5))
+    batches = [_batch(model) | {"image_index": torch.arange(4)} for _ in range(2)]
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, trackers=[], progress_bar=False,
+                      log_every=1, compile=True)
+    result = Trainer(task, batches, cfg, OptimConfig(warmup_steps=0), export=lambda t, d: t.model.save_pretrained(d)).fit()
+    losses = [json.loads(line)["train/loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert task._compiled_call_impl is not None  # it really ran compiled
+    names = load_file(str(result.run_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")).keys()
+    assert "model.logit_scale" in names and not any("_orig_mod" in n for n in names)
+    assert mmtransfer.load(result.model_dir).config == model.config

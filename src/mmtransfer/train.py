@@ -37,6 +37,7 @@ from .run_folder import (
     folder_error,
     list_checkpoints,
     prepare_run_folder,
+    flat_hparams,
     read_metrics,
     update_summary,
     write_text_atomic,
@@ -137,6 +138,10 @@ class TrainConfig:
     fast_dev_run: bool = False
     # Show a progress bar on the console (main process only).
     progress_bar: bool = True
+    # Compile the task (model and losses) with torch.compile before Accelerate wraps it. Meant for
+    # GPUs, where no speed-up has been measured yet; on a CPU the first step spends a minute or
+    # more compiling (docs/results/benchmarks.md).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         # max_steps <= 0 would export an untrained model; log_every=0 divides by zero; NumPy takes
@@ -291,6 +296,8 @@ class Trainer:
         set_seed(config.seed, device_specific=False)
         self.state = _TrainState()
         optimizer = optim.make_optimizer(parameter_groups(task, optim))
+        if config.compile:
+            task.compile()  # in place: parameter names, checkpoints and unwrap_model stay as they are
         loaders = dict(eval_loaders or {})
         prepare_parts = getattr(train_loader, "prepare_with", None)
         if prepare_parts is not None:
@@ -320,7 +327,7 @@ class Trainer:
                 data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
         if trackers:
-            self.accelerator.init_trackers("mmtransfer", config=_flat_hparams(run_config))
+            self.accelerator.init_trackers("mmtransfer", config=flat_hparams(run_config))
 
     # -- checkpoints ---------------------------------------------------------------
 
@@ -575,25 +582,3 @@ class Trainer:
             write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return model_dir
-
-
-def _flat_hparams(run_config: Any) -> dict[str, Any]:
-    """A flat {dotted.key: scalar} view of the config for trackers (TensorBoard hparams)."""
-    if run_config is None:
-        return {}
-    data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif isinstance(node, (int, float, str, bool)):
-            flat[prefix] = node
-        else:
-            flat[prefix] = str(node)
-
-    walk(data, "")
-    return flat
-
-
