@@ -168,6 +168,8 @@ class TextEncoder(nn.Module):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
             model.disable_input_require_grads()
+        if getattr(model.config, "use_cache", False):  # an encoder keeps no cache; this silences transformers' warning
+            model.config.use_cache = False
 
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> ``input_ids`` and ``attention_mask``, (B, T), padded to the longest."""
