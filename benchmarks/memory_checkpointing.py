@@ -16,9 +16,13 @@ system at once (``MALLOC_MMAP_THRESHOLD_``) so that freed activations do not sta
 on CUDA ``torch.cuda.max_memory_allocated``. The first step gives the memory; the median of
 the ``--steps`` steps after it gives the time.
 
+``--variants compile`` times ``torch.compile`` (``train.compile``) the same way: its first
+step includes the compilation.
+
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/memory_checkpointing.py --batch-size 8
-    python benchmarks/memory_checkpointing.py --batch-size 64 --device cuda --steps 5
+    python benchmarks/memory_checkpointing.py --batch-size 64 --device cuda --steps 5 --variants off on compile
+    OMP_NUM_THREADS=1 python benchmarks/memory_checkpointing.py --towers tiny --variants off compile --steps 20
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {"off": "no checkpointing", "on": "gradient checkpointing (both towers)"}
+VARIANTS = {"off": "no checkpointing", "on": "gradient checkpointing (both towers)",
+            "compile": "no checkpointing, torch.compile (train.compile)"}
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
              "max_position_embeddings": 512}
 
@@ -61,21 +66,29 @@ def _reset_peak_rss() -> bool:
 
 
 def _build(args: argparse.Namespace, checkpointing: bool):
+    import dataclasses
+
     import torch
 
     from mmtransfer import FusionConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig, create_model
+    from mmtransfer.registry import get_preset
 
-    config = ModelConfig(
-        text=TextEncoderConfig(name="minilm-l6", pretrained=False, max_length=args.tokens, config_overrides=dict(BERT_BASE)),
-        image=ImageEncoderConfig(name="vit_base_patch16_224", pretrained=False, pooling="mean"),
-        fusion=FusionConfig(num_layers=0), embed_dim=512, gradient_checkpointing=checkpointing,
-    )
+    if args.towers == "tiny":
+        config = dataclasses.replace(get_preset("tiny-random"), fusion=FusionConfig(num_layers=0),
+                                     gradient_checkpointing=checkpointing)
+    else:
+        config = ModelConfig(
+            text=TextEncoderConfig(name="minilm-l6", pretrained=False, max_length=args.tokens, config_overrides=dict(BERT_BASE)),
+            image=ImageEncoderConfig(name="vit_base_patch16_224", pretrained=False, pooling="mean"),
+            fusion=FusionConfig(num_layers=0), embed_dim=512, gradient_checkpointing=checkpointing,
+        )
     torch.manual_seed(0)
     model = create_model(config).to(args.device).train()
     words = "a small red bird sits on a branch above the quiet river while two dogs run across the field".split()
     texts = [" ".join(words[i % 5:] + words[: i % 5]) * 3 for i in range(args.batch_size)]
     tok = model.tokenizer(texts, padding="max_length", truncation=True, max_length=args.tokens, return_tensors="pt")
-    batch = {"pixel_values": torch.randn(args.batch_size, 3, 224, 224), "input_ids": tok["input_ids"],
+    size = model.preprocessor.config.image_size
+    batch = {"pixel_values": torch.randn(args.batch_size, 3, size, size), "input_ids": tok["input_ids"],
              "attention_mask": tok["attention_mask"]}
     return model, {k: v.to(args.device) for k, v in batch.items()}
 
@@ -106,6 +119,8 @@ def child(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, batch = _build(args, args.child == "on")
+    if args.child == "compile":
+        model.compile()  # what train.compile does to the task, here to the model
     gc.collect()
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -128,7 +143,8 @@ def child(args: argparse.Namespace) -> dict:
 
 def _run_variant(variant: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--batch-size", str(args.batch_size), "--tokens", str(args.tokens),
-           "--steps", str(args.steps), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+           "--steps", str(args.steps), "--device", args.device, "--towers", args.towers]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     # Freed blocks of 128 KB and more go back to the system at once, so the resident set follows live memory.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -144,6 +160,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the first one; the median is reported")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS)")
+    parser.add_argument("--towers", choices=["base", "tiny"], default="base",
+                        help="base: ViT-B/16 + BERT-base; tiny: the tiny-random preset's towers (32 px)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["off", "on"])
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -151,10 +170,11 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    results = {v: _run_variant(v, args) for v in VARIANTS}
-    off, on = results["off"], results["on"]
+    results = {v: _run_variant(v, args) for v in args.variants}
+    off = next(iter(results.values()))
     what = "CUDA allocated" if args.device.startswith("cuda") else "peak RSS"
-    print(f"ViT-B/16 (224 px) + BERT-base, random weights, {off['params'] / 1e6:.0f} M parameters, both towers trainable; "
+    towers = "ViT-B/16 (224 px) + BERT-base" if args.towers == "base" else "tiny-random towers (32 px)"
+    print(f"{towers}, random weights, {off['params'] / 1e6:.1f} M parameters, both towers trainable; "
           f"batch {args.batch_size} images, {args.tokens} tokens a caption; {args.device}, "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')} thread(s), {platform.processor() or platform.machine()}")
     print()
@@ -165,10 +185,13 @@ def main() -> None:
         print(f"| {VARIANTS[v]} | {r['step_memory_mb']:,.0f} | {r['held_mb']:,.0f} | {r['base_mb']:,.0f} "
               f"| {r['first_step_s']:.1f} | {r['step_s']:.1f} |")
     print()
-    print(f"checkpointing: step peak x{on['step_memory_mb'] / off['step_memory_mb']:.2f} "
-          f"({off['step_memory_mb'] - on['step_memory_mb']:,.0f} MB less), held after forward "
-          f"x{on['held_mb'] / off['held_mb']:.2f}, step time x{on['step_s'] / off['step_s']:.2f}; "
-          f"the gradients take {off['grads_mb']:,.0f} MB of each step's peak")
+    for v, r in results.items():
+        if v != "off" and "off" in results:
+            off = results["off"]
+            print(f"{VARIANTS[v]} against none: step peak x{r['step_memory_mb'] / off['step_memory_mb']:.2f} "
+                  f"({off['step_memory_mb'] - r['step_memory_mb']:,.0f} MB less), held after forward "
+                  f"x{r['held_mb'] / off['held_mb']:.2f}, step time x{r['step_s'] / off['step_s']:.2f}")
+    print(f"the gradients take {off['grads_mb']:,.0f} MB of each step's peak")
     if not all(r["peak_reset"] for r in results.values()):
         print("note: the peak could not be reset after building the model; the step's peak may include the build's")
     print(f"({(time.perf_counter() - started) / 60:.1f} min for the whole command)")
