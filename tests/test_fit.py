@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ import mmtransfer
 from mmtransfer.config import ImageEncoderConfig
 from mmtransfer.losses import ContrastiveLoss
 from mmtransfer.registry import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny(**changes) -> mmtransfer.MultimodalModel:
@@ -161,3 +167,129 @@ def test_compiled_training_runs_and_saves_plain_weights(tmp_path):
     names = load_file(str(result.run_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")).keys()
     assert "model.logit_scale" in names and not any("_orig_mod" in n for n in names)
     assert mmtransfer.load(result.model_dir).config == model.config
+
+
+# ----------------------------------------------------------------------------- accelerate config files and FSDP
+
+CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_accelerate_config_files_read_as_accelerate_reads_them(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes == 2 and config.compute_environment.value == "LOCAL_MACHINE"
+    if config.distributed_type.value == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2  # the loop gathers and loads state the FSDP2 way
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "BertLayer,Block"
+    assert config.use_cpu == ("cpu" in path.name)
+
+
+def test_fsdp1_and_l2sp_under_fsdp_are_refused(monkeypatch):
+    from mmtransfer.distributed import LaunchError
+    from mmtransfer.sharding import check_supported, route_fsdp
+
+    class Sharded:
+        distributed_type = "FSDP"
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(LaunchError, match="fsdp_version: 2"):
+        route_fsdp(Sharded())
+    with pytest.raises(ValueError, match="optim.l2sp"):
+        check_supported(Sharded(), l2sp=0.1)
+    check_supported(Sharded(), l2sp=0.0)
+
+
+def test_a_scalar_logit_scale_saved_before_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _tiny().save_pretrained(tmp_path / "m")
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    save_file({**weights, "logit_scale": torch.tensor(3.0)}, str(tmp_path / "m" / "model.safetensors"))
+    loaded = mmtransfer.load(tmp_path / "m")
+    assert loaded.logit_scale.shape == (1,) and float(loaded.logit_scale.detach()) == 3.0
+    assert loaded.get_logit_scale().shape == ()
+
+
+def _accelerate(config: str | None, *args: str) -> subprocess.CompletedProcess:
+    """finetune_captions.py under ``accelerate launch --config_file configs/accelerate/<config>``, or one plain process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    runner = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+              f"configs/accelerate/{config}"] if config else [sys.executable]
+    proc = subprocess.run([*runner, "scripts/finetune_captions.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{config or 'one process'} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory) -> Path:
+    """The caption folder template with the tiny-random towers, on a small folder of captioned shapes."""
+    import yaml
+
+    from mmtransfer.config import to_dict
+
+    try:
+        from own_data import shapes_caption_folder
+    except ImportError:  # tests/ collected as a package
+        from tests.own_data import shapes_caption_folder
+
+    root = tmp_path_factory.mktemp("fsdp")
+    photos = shapes_caption_folder(root / "photos")
+    recipe = yaml.safe_load((ROOT / "configs" / "caption_folder_template.yaml").read_text())
+    recipe["model"] = to_dict(get_preset("tiny-random"))
+    recipe["data"].update(train={**recipe["data"]["train"], "name": str(photos / "train")},
+                          validation={**recipe["data"]["validation"], "name": str(photos / "validation")},
+                          features={"cache": True, "persist": False})
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return root / "recipe.yaml"
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / f"checkpoint-{step}" / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict, moved: str) -> None:
+    assert a.keys() == b.keys() and any(moved in k for k in a)
+    worst = max((float((a[k].double() - b[k].double()).abs().max()), k) for k in a if a[k].is_floating_point())
+    assert worst[0] < 2e-5, f"largest difference: {worst}"
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_trains_resumes_and_exports(tiny_recipe, tmp_path):
+    """FSDP2 over 2 CPU processes (gloo) with the tiny towers: the same weights as one process on the same global
+    batch, checkpoints that resume under FSDP and without it, and an exported model that loads."""
+    import json
+
+    exact = ["objective.itm_weight=0", "model.fusion.num_layers=0", "freeze.image=false",
+             "model.text.config_overrides={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: "
+             "128, max_position_embeddings: 64, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"]
+    common = ["--config", str(tiny_recipe), "train.max_steps=3", "train.save_every=2", "train.eval_every=2",
+              "train.num_workers=0", "train.log_every=1", "optim.warmup_steps=0", *exact]
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    proc = _accelerate("fsdp_cpu_2proc.yaml", *common, f"train.output_dir={fsdp}", "train.batch_size=8")
+    assert proc.stdout.count("Run folder:") == 1
+    summary = json.loads((fsdp / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3 and summary["distributed_type"] == "FSDP"
+    _accelerate(None, *common, f"train.output_dir={one}", "train.batch_size=16")
+    _assert_same_weights(_weights(fsdp, 3), _weights(one, 3), "model.image_encoder.backbone.blocks.1.")
+    model = mmtransfer.load(fsdp / "model")
+    exported = {f"model.{k}": v for k, v in model.state_dict().items()}
+    assert all(torch.equal(exported[k], v) for k, v in _weights(fsdp, 3).items() if k in exported)
+
+    # Resumed from checkpoint-3: under FSDP, and in one process from a copy of the FSDP run folder.
+    import shutil
+
+    shutil.copytree(fsdp, tmp_path / "fsdp_then_one")
+    more = ["train.resume=latest", "train.max_steps=5"]
+    _accelerate("fsdp_cpu_2proc.yaml", *common, *more, f"train.output_dir={fsdp}", "train.batch_size=8")
+    _accelerate(None, *common, *more, f"train.output_dir={tmp_path / 'fsdp_then_one'}", "train.batch_size=16")
+    _accelerate(None, *common, *more, f"train.output_dir={one}", "train.batch_size=16")
+    _assert_same_weights(_weights(fsdp, 5), _weights(one, 5), "model.text_encoder.model.encoder.layer.1.")
+    _assert_same_weights(_weights(tmp_path / "fsdp_then_one", 5), _weights(one, 5), "model.logit_scale")

@@ -12,6 +12,7 @@ checkpoint/resume; tasks own the mathematics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -20,12 +21,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .config import FRACTION, Range, at_least, check_ranges, to_dict
 from .distributed import check_launch, has_accelerator_device, launched_processes
 from .evaluate import plot_curves
@@ -251,6 +252,7 @@ def make_accelerator(config: TrainConfig) -> Any:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
+    sharding.route_fsdp(accelerator)  # FSDP from an accelerate config file: checked, and on CPUs set up here
     set_seed(config.seed, device_specific=False)  # before the model's new heads are initialised
     return accelerator
 
@@ -296,6 +298,9 @@ class Trainer:
         set_seed(config.seed, device_specific=False)
         self.state = _TrainState()
         optimizer = optim.make_optimizer(parameter_groups(task, optim))
+        sharding.check_supported(self.accelerator, optim.l2sp)
+        # Under FSDP, a copy without memory that checkpoints and the export gather the full weights into.
+        self._shell = sharding.meta_copy(task) if sharding.is_sharded(self.accelerator) else None
         if config.compile:
             task.compile()  # in place: parameter names, checkpoints and unwrap_model stay as they are
         loaders = dict(eval_loaders or {})
@@ -351,7 +356,7 @@ class Trainer:
         error: OSError | None = None
         if not acc.reduce(failed, "sum").item():
             try:
-                checkpoint.save(tmp, acc, self.task, self.optimizer, self.state.state_dict())
+                checkpoint.save(tmp, acc, self.task, self.optimizer, self.state.state_dict(), self._shell)
             except OSError as err:
                 error, failed = err, failed + 1
         # Every process learns whether any failed, so that all of them stop together instead of waiting.
@@ -435,9 +440,8 @@ class Trainer:
     def run_evaluation(self) -> dict[str, float]:
         if self._evaluate is None:
             return {}
-        self.task.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            metrics = self._evaluate(self.accelerator.unwrap_model(self.task), self.accelerator, self.eval_loaders)
+        with self.evaluation() as task:
+            metrics = self._evaluate(task, self.accelerator, self.eval_loaders)
         self.task.train()
         metrics = {k if "/" in k else f"eval/{k}": float(v) for k, v in metrics.items()}
         self.log(metrics)
@@ -553,6 +557,13 @@ class Trainer:
             tracker.finish()
         return TrainResult(self.run_dir, self.state.step, metrics, model_dir)
 
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[nn.Module]:
+        """The task unwrapped, in eval mode, without gradients, its parameters whole (FSDP): to evaluate after ``fit`` too."""
+        self.task.eval()
+        with torch.no_grad(), self.accelerator.autocast(), sharding.full_parameters(self.task):
+            yield self.accelerator.unwrap_model(self.task)
+
     def add_to_summary(self, values: dict[str, Any]) -> None:
         """Add a recipe's results (test metrics, plots, timings) to the run's ``summary.json`` (main process)."""
         if self.accelerator.is_main_process:
@@ -562,11 +573,13 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         model_dir = None
+        # Under FSDP every process helps gather the full weights, into the shell on the main process.
+        full = sharding.full_weights(acc, self.task, self._shell) if self._shell is not None and self._export else None
         if acc.is_main_process:
             if self._export is not None:
                 model_dir = self.run_dir / "model"
                 try:
-                    self._export(acc.unwrap_model(self.task), model_dir)
+                    self._export(acc.unwrap_model(self.task) if full is None else full, model_dir)
                 except OSError as err:
                     raise folder_error(self.run_dir, err, "export the model") from None
             plot = plot_curves(self.records, self.run_dir / "curves.png")
@@ -574,6 +587,7 @@ class Trainer:
                 "steps": self.state.step,
                 "train_seconds_this_session": round(elapsed, 2),
                 "processes": acc.num_processes,
+                "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),  # NO, MULTI_CPU, FSDP...
                 "final_metrics": metrics,
                 "model_dir": str(model_dir) if model_dir else None,
                 "curves": str(plot) if plot else None,
