@@ -183,13 +183,14 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for v, r in results.items():
         print(f"| {VARIANTS[v]} | {r['step_memory_mb']:,.0f} | {r['held_mb']:,.0f} | {r['base_mb']:,.0f} "
-              f"| {r['first_step_s']:.1f} | {r['step_s']:.1f} |")
+              f"| {r['first_step_s']:.3g} | {r['step_s']:.3g} |")
     print()
     for v, r in results.items():
         if v != "off" and "off" in results:
             off = results["off"]
+            saved = off["step_memory_mb"] - r["step_memory_mb"]
             print(f"{VARIANTS[v]} against none: step peak x{r['step_memory_mb'] / off['step_memory_mb']:.2f} "
-                  f"({off['step_memory_mb'] - r['step_memory_mb']:,.0f} MB less), held after forward "
+                  f"({abs(saved):,.0f} MB {'less' if saved >= 0 else 'more'}), held after forward "
                   f"x{r['held_mb'] / off['held_mb']:.2f}, step time x{r['step_s'] / off['step_s']:.2f}")
     print(f"the gradients take {off['grads_mb']:,.0f} MB of each step's peak")
     if not all(r["peak_reset"] for r in results.values()):

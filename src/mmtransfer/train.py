@@ -140,8 +140,8 @@ class TrainConfig:
     # Show a progress bar on the console (main process only).
     progress_bar: bool = True
     # Compile the task (model and losses) with torch.compile before Accelerate wraps it. Meant for
-    # GPUs, where no speed-up has been measured yet; on a CPU the first step spends a minute or
-    # more compiling (docs/results/benchmarks.md).
+    # GPUs, where no speed-up has been measured yet; on a CPU the tiny test towers compile for
+    # 46 s and then step no faster (docs/results/benchmarks.md).
     compile: bool = False
 
     def __post_init__(self) -> None:
