@@ -182,13 +182,14 @@ def test_accelerate_config_files_read_as_accelerate_reads_them(path):
     assert config.num_processes == 2 and config.compute_environment.value == "LOCAL_MACHINE"
     if config.distributed_type.value == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2  # the loop gathers and loads state the FSDP2 way
-        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "BertLayer,Block"
+        # Unset: the loop names the towers' blocks, whichever towers the recipe has.
+        assert "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
     assert config.use_cpu == ("cpu" in path.name)
 
 
 def test_fsdp1_and_l2sp_under_fsdp_are_refused(monkeypatch):
     from mmtransfer.distributed import LaunchError
-    from mmtransfer.sharding import check_supported, route_fsdp
+    from mmtransfer.sharding import before_prepare, route_fsdp
 
     class Sharded:
         distributed_type = "FSDP"
@@ -198,8 +199,22 @@ def test_fsdp1_and_l2sp_under_fsdp_are_refused(monkeypatch):
     with pytest.raises(LaunchError, match="fsdp_version: 2"):
         route_fsdp(Sharded())
     with pytest.raises(ValueError, match="optim.l2sp"):
-        check_supported(Sharded(), l2sp=0.1)
-    check_supported(Sharded(), l2sp=0.0)
+        before_prepare(Sharded(), _tiny(), l2sp=0.1)
+
+
+def test_fsdp_shards_the_towers_blocks_one_by_one():
+    """The blocks FSDP wraps on its own when the config file names none: the towers' layers, a CNN stage's members."""
+    from mmtransfer.sharding import before_prepare, tower_block_names
+
+    class Sharded:
+        distributed_type = "FSDP"
+
+    model = _tiny()
+    shell = before_prepare(Sharded(), model, l2sp=0.0)
+    assert model._no_split_modules == ["BertLayer", "Block"]
+    assert all(p.is_meta for p in shell.parameters()) and shell.config == model.config
+    resnet = _tiny(image=ImageEncoderConfig(name="torchvision:resnet18", pretrained=False, image_size=32))
+    assert tower_block_names(resnet) == ["BasicBlock", "BertLayer"]
 
 
 def test_a_scalar_logit_scale_saved_before_still_loads(tmp_path):

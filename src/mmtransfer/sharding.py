@@ -60,9 +60,35 @@ def route_fsdp(accelerator: Any) -> None:
     AcceleratorState().fsdp_plugin = plugin
 
 
-def check_supported(accelerator: Any, l2sp: float) -> None:
-    if is_sharded(accelerator) and l2sp > 0:
+def before_prepare(accelerator: Any, task: nn.Module, l2sp: float) -> nn.Module | None:
+    """Under FSDP, before ``accelerator.prepare`` shards ``task``: name its towers' blocks and return its :func:`meta_copy`.
+
+    Without ``fsdp_transformer_layer_cls_to_wrap`` in the config file, Accelerate shards the
+    classes the task lists in ``_no_split_modules`` one by one: here the towers' blocks.
+    Returns None when the run is not sharded.
+    """
+    if not is_sharded(accelerator):
+        return None
+    if l2sp > 0:
         raise ValueError("optim.l2sp does not work under FSDP yet (its reference weights would be shards): set optim.l2sp=0.")
+    if getattr(task, "_no_split_modules", None) is None:
+        task._no_split_modules = tower_block_names(task)
+    for p in task.parameters():
+        if not p.is_contiguous():  # FSDP2 shards only contiguous tensors; CNN towers keep channels-last weights
+            p.data = p.data.contiguous()
+    return meta_copy(task)
+
+
+def tower_block_names(task: nn.Module) -> list[str]:
+    """Class names of the towers' blocks (a CNN stage's members, where its blocks are plain containers)."""
+    containers = (nn.Sequential, nn.ModuleList)
+    names: set[str] = set()
+    for module in task.modules():
+        if hasattr(module, "is_pretrained_tower") and callable(getattr(module, "blocks", None)):
+            for block in module.blocks():
+                members = list(block) if type(block) in containers else [block]
+                names.update(type(m).__name__ for m in members)
+    return sorted(names)
 
 
 def meta_copy(module: nn.Module) -> nn.Module:

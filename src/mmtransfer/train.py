@@ -298,9 +298,8 @@ class Trainer:
         set_seed(config.seed, device_specific=False)
         self.state = _TrainState()
         optimizer = optim.make_optimizer(parameter_groups(task, optim))
-        sharding.check_supported(self.accelerator, optim.l2sp)
-        # Under FSDP, a copy without memory that checkpoints and the export gather the full weights into.
-        self._shell = sharding.meta_copy(task) if sharding.is_sharded(self.accelerator) else None
+        # Under FSDP: the towers' blocks named for sharding, and a copy without memory for the full weights.
+        self._shell = sharding.before_prepare(self.accelerator, task, optim.l2sp)
         if config.compile:
             task.compile()  # in place: parameter names, checkpoints and unwrap_model stay as they are
         loaders = dict(eval_loaders or {})
