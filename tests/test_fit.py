@@ -278,8 +278,9 @@ def _assert_same_weights(a: dict, b: dict, moved: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_trains_resumes_and_exports(tiny_recipe, tmp_path):
-    """FSDP2 over 2 CPU processes (gloo) with the tiny towers: the same weights as one process on the same global
-    batch, checkpoints that resume under FSDP and without it, and an exported model that loads."""
+    """FSDP2 over 2 CPU processes (gloo) with the tiny towers, gradient checkpointing on: the same weights as one
+    process without either on the same global batch, checkpoints that resume under FSDP and without it, and an
+    exported model that loads."""
     import json
 
     exact = ["objective.itm_weight=0", "model.fusion.num_layers=0", "freeze.image=false",
@@ -288,10 +289,12 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_exports(tiny_recipe, tmp_p
     common = ["--config", str(tiny_recipe), "train.max_steps=3", "train.save_every=2", "train.eval_every=2",
               "train.num_workers=0", "train.log_every=1", "optim.warmup_steps=0", *exact]
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
-    proc = _accelerate("fsdp_cpu_2proc.yaml", *common, f"train.output_dir={fsdp}", "train.batch_size=8")
+    proc = _accelerate("fsdp_cpu_2proc.yaml", *common, f"train.output_dir={fsdp}", "train.batch_size=8",
+                       "model.gradient_checkpointing=true")
     assert proc.stdout.count("Run folder:") == 1
     summary = json.loads((fsdp / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 3 and summary["distributed_type"] == "FSDP"
+    assert mmtransfer.load(fsdp / "model").config.gradient_checkpointing
     _accelerate(None, *common, f"train.output_dir={one}", "train.batch_size=16")
     _assert_same_weights(_weights(fsdp, 3), _weights(one, 3), "model.image_encoder.backbone.blocks.1.")
     model = mmtransfer.load(fsdp / "model")
@@ -303,7 +306,8 @@ def test_fsdp_on_two_cpu_processes_trains_resumes_and_exports(tiny_recipe, tmp_p
 
     shutil.copytree(fsdp, tmp_path / "fsdp_then_one")
     more = ["train.resume=latest", "train.max_steps=5"]
-    _accelerate("fsdp_cpu_2proc.yaml", *common, *more, f"train.output_dir={fsdp}", "train.batch_size=8")
+    _accelerate("fsdp_cpu_2proc.yaml", *common, *more, f"train.output_dir={fsdp}", "train.batch_size=8",
+                "model.gradient_checkpointing=true")
     _accelerate(None, *common, *more, f"train.output_dir={tmp_path / 'fsdp_then_one'}", "train.batch_size=16")
     _accelerate(None, *common, *more, f"train.output_dir={one}", "train.batch_size=16")
     _assert_same_weights(_weights(fsdp, 5), _weights(one, 5), "model.text_encoder.model.encoder.layer.1.")
