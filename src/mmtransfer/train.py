@@ -35,10 +35,10 @@ from .objectives.base import StepInfo, TaskOutput
 from .run_folder import (
     CHECKPOINT_PREFIX,
     SUMMARY_FILE,
+    flat_hparams,
     folder_error,
     list_checkpoints,
     prepare_run_folder,
-    flat_hparams,
     read_metrics,
     update_summary,
     write_text_atomic,
@@ -586,7 +586,7 @@ class Trainer:
                 "steps": self.state.step,
                 "train_seconds_this_session": round(elapsed, 2),
                 "processes": acc.num_processes,
-                "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),  # NO, MULTI_CPU, FSDP...
+                "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),  # e.g. FSDP
                 "final_metrics": metrics,
                 "model_dir": str(model_dir) if model_dir else None,
                 "curves": str(plot) if plot else None,
