@@ -1,6 +1,6 @@
 """Layers point down: what each part of the package may import, read from the source (no import runs).
 
-    base      config, registry, towers, distributed, schedules, checkpoint
+    base      config, registry, towers, distributed, sharding, schedules, checkpoint
     parts     models/, losses/, data/
     tasks     objectives/, features, transfer, evaluate, run_folder, selection
     running   train (the loop), assemble (building from a config)
@@ -19,7 +19,7 @@ PACKAGE = Path(mmtransfer.__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = {
-    "config": 0, "registry": 0, "distributed": 0, "schedules": 0, "checkpoint": 0,
+    "config": 0, "registry": 0, "distributed": 0, "schedules": 0, "checkpoint": 0, "sharding": 0,
     "towers": 0, "models": 1, "losses": 1, "data": 1,
     "objectives": 2, "features": 2, "transfer": 2, "evaluate": 2, "ensemble": 2,
     "train": 3, "assemble": 3, "run_folder": 2, "selection": 2,

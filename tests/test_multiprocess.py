@@ -6,7 +6,8 @@ process with batch 2B, once as two processes with batch B each. Where the run
 has no randomness that depends on the process (no dropout, no augmentation, no
 batch norm in training mode, no ITM hard negatives: README, "Many GPUs, precision, resume"),
 the final weights must agree within float tolerance. The templates as shipped
-(dropout, ITM) must also run to the end under 2 processes and say so.
+(dropout, ITM) must also run to the end under 2 processes and say so, the caption
+template under FSDP2 too (configs/accelerate/fsdp_cpu_2proc.yaml).
 """
 
 from __future__ import annotations
@@ -120,6 +121,26 @@ def test_caption_template_as_shipped_runs_under_two_processes(folders, tmp_path)
                                                                       f"train.max_steps={STEPS + 2}"))
     assert summary(run)["steps"] == STEPS + 2, resumed.stderr[-2000:]
     logged_once(run)
+
+
+def test_caption_template_as_shipped_runs_under_fsdp(folders, tmp_path):
+    """The template's towers (frozen image tower from the feature cache, partly frozen text tower, fusion and ITM)
+    sharded by FSDP2 over 2 CPU processes, from configs/accelerate/fsdp_cpu_2proc.yaml; resumed the same way."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                "configs/accelerate/fsdp_cpu_2proc.yaml", "scripts/finetune_captions.py"]
+    run = tmp_path / "run"
+    for extra in (["train.save_every=2"], ["train.resume=latest", f"train.max_steps={STEPS + 2}"]):
+        proc = subprocess.run([*launcher, *caption_args(folders, run, 8, *extra)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        assert proc.stdout.count("Run folder:") == 1
+    assert summary(run)["distributed_type"] == "FSDP" and summary(run)["steps"] == STEPS + 2
+    logged_once(run)
+    from mmtransfer import load
+
+    assert load(run / "model").encode_text(["a red circle"]).shape == (1, 256)
 
 
 # ----------------------------------------------------------------------------- domain_adapt.py

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import sharding
+
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
@@ -77,29 +79,48 @@ def _write_json(data: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------- optimizer
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into flat tensors and a JSON structure."""
-    state = optimizer.state_dict()
+def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict (parameters keyed by index, or by name under FSDP) into flat tensors and a JSON structure."""
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
+    for key, values in state["state"].items():
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}/{name}"] = value
+                tensors[f"{key}/{name}"] = value
             else:
-                plain.setdefault(str(index), {})[name] = value
+                plain.setdefault(str(key), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "state": plain}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, device: torch.device) -> None:
+def _read_optimizer(folder: Path) -> dict[str, Any]:
+    """The optimizer state dict as written: parameters keyed by index ("0") or by name, as strings."""
     structure = _read_json(folder / OPTIMIZER_JSON)
-    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in structure["state"].items()}
+    state: dict[str, dict[str, Any]] = {k: dict(v) for k, v in structure["state"].items()}
     tensors = _load_tensors(folder / OPTIMIZER_TENSORS) if (folder / OPTIMIZER_TENSORS).is_file() else {}
     for key, value in tensors.items():
         index, name = key.split("/", 1)
-        # AdamW keeps `step` on the CPU unless it runs fused or capturable; moments sit with their parameter.
-        state.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": structure["param_groups"]})
+        state.setdefault(index, {})[name] = value
+    return {"state": state, "param_groups": structure["param_groups"]}
+
+
+def _keyed(state: dict[str, Any], names: list[str], by_name: bool) -> dict[str, Any]:
+    """``state`` with its parameters keyed by name (FSDP) or by index (the optimizer's own), whichever it was written with."""
+    position = {n: i for i, n in enumerate(names)}
+    key = (lambda k: k if not k.isdigit() else names[int(k)]) if by_name else (lambda k: int(k) if k.isdigit() else position[k])
+    groups = [{**g, "params": [key(str(p)) for p in g["params"]]} for g in state["param_groups"]]
+    return {"state": {key(k): v for k, v in state["state"].items()}, "param_groups": groups}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], device: torch.device) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor) or name == "step":
+                continue  # AdamW keeps `step` on the CPU unless it runs fused or capturable
+            if value.shape != params[index].shape and value.numel() == params[index].numel():
+                value = value.reshape(params[index].shape)  # e.g. the logit scale, once a scalar, now one element
+            values[name] = value.to(device)  # moments sit with their parameter
+    optimizer.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- random generators
@@ -131,19 +152,27 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> N
 # ----------------------------------------------------------------------------- save / load
 
 
-def save(folder: Path, accelerator: Any, task: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, int]) -> None:
+def save(folder: Path, accelerator: Any, task: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, int],
+         shell: nn.Module | None = None) -> None:
     """Write a checkpoint of every process into ``folder`` (which must exist; called on every process).
 
     The main process writes the weights, the optimizer and the loop's state
     (identical on every process under data parallelism); each process writes
-    its own random generator states.
+    its own random generator states. Under FSDP, ``shell`` is the task's
+    :func:`~mmtransfer.sharding.meta_copy`: every process helps gather the full
+    weights into it and the full optimizer state, keyed by parameter name.
     """
     from safetensors.torch import save_model
 
     rank = accelerator.process_index
+    if shell is not None:
+        weights = sharding.full_weights(accelerator, task, shell)
+        optimizer_state = sharding.full_optimizer_state(task, optimizer)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(task), str(folder / MODEL_FILE))
-        tensors, structure = _optimizer_state(optimizer)
+        if shell is None:
+            weights, optimizer_state = accelerator.unwrap_model(task), optimizer.state_dict()
+        save_model(weights, str(folder / MODEL_FILE))
+        tensors, structure = _split_optimizer_state(optimizer_state)
         if tensors:
             _save_tensors(tensors, folder / OPTIMIZER_TENSORS)
         _write_json(structure, folder / OPTIMIZER_JSON)
@@ -172,22 +201,33 @@ def check_folder(folder: Path) -> None:
 
 
 def load(folder: Path, accelerator: Any, task: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Restore weights, optimizer, loss scaler and this process's generators; returns the loop's state."""
+    """Restore weights, optimizer, loss scaler and this process's generators; returns the loop's state.
+
+    A checkpoint written under FSDP resumes without it and the other way round (the optimizer
+    state is re-keyed between parameter indices and names).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     check_folder(folder)
     state = _read_json(folder / STATE_FILE)
+    sharded = sharding.is_sharded(accelerator)
+    bare = task if sharded else accelerator.unwrap_model(task)
+    optimizer_state = _keyed(_read_optimizer(folder), sharding.parameter_names(bare, optimizer), by_name=sharded)
     try:
-        device = accelerator.device
-        load_model(accelerator.unwrap_model(task), str(folder / MODEL_FILE), strict=True,
-                   device="cpu" if device.type == "cpu" else str(device))  # safetensors refuses "cpu:0"
+        if sharded:  # every process reads the full weights; each keeps its shards
+            sharding.load_full(task, optimizer, _load_tensors(folder / MODEL_FILE), optimizer_state)
+        else:
+            device = accelerator.device
+            load_model(bare, str(folder / MODEL_FILE), strict=True,
+                       device="cpu" if device.type == "cpu" else str(device))  # safetensors refuses "cpu:0"
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"'{folder / MODEL_FILE}' cannot be read ({err}); resume from another checkpoint.") from None
     except RuntimeError as err:  # missing or unexpected keys, wrong shapes
         raise CheckpointError(f"'{folder / MODEL_FILE}' does not fit this run's model ({str(err).splitlines()[0]}): "
                               "was the recipe changed since the checkpoint was written?") from None
-    _load_optimizer(optimizer, folder, accelerator.device)
+    if not sharded:
+        _load_optimizer(optimizer, optimizer_state, accelerator.device)
     if accelerator.scaler is not None and (folder / SCALER_FILE).is_file():
         accelerator.scaler.load_state_dict(_read_json(folder / SCALER_FILE))
     rng_tensors, rng_json = _rng_files(folder, accelerator.process_index)

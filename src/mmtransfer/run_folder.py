@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import to_dict
+
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -130,3 +132,23 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(values)
     write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def flat_hparams(run_config: Any) -> dict[str, Any]:
+    """A flat {dotted.key: scalar} view of the config for trackers (TensorBoard hparams)."""
+    if run_config is None:
+        return {}
+    data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, (int, float, str, bool)):
+            flat[prefix] = node
+        else:
+            flat[prefix] = str(node)
+
+    walk(data, "")
+    return flat

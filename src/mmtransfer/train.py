@@ -12,6 +12,7 @@ checkpoint/resume; tasks own the mathematics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -20,12 +21,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .config import FRACTION, Range, at_least, check_ranges, to_dict
 from .distributed import check_launch, has_accelerator_device, launched_processes
 from .evaluate import plot_curves
@@ -34,6 +35,7 @@ from .objectives.base import StepInfo, TaskOutput
 from .run_folder import (
     CHECKPOINT_PREFIX,
     SUMMARY_FILE,
+    flat_hparams,
     folder_error,
     list_checkpoints,
     prepare_run_folder,
@@ -137,6 +139,10 @@ class TrainConfig:
     fast_dev_run: bool = False
     # Show a progress bar on the console (main process only).
     progress_bar: bool = True
+    # Compile the task (model and losses) with torch.compile before Accelerate wraps it. Meant for
+    # GPUs, where no speed-up has been measured yet; on a CPU the tiny test towers compile for
+    # 46 s and then step no faster (docs/results/benchmarks.md).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         # max_steps <= 0 would export an untrained model; log_every=0 divides by zero; NumPy takes
@@ -246,6 +252,7 @@ def make_accelerator(config: TrainConfig) -> Any:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         step_scheduler_with_optimizer=False,
     )
+    sharding.route_fsdp(accelerator)  # FSDP from an accelerate config file: checked, and on CPUs set up here
     set_seed(config.seed, device_specific=False)  # before the model's new heads are initialised
     return accelerator
 
@@ -291,6 +298,10 @@ class Trainer:
         set_seed(config.seed, device_specific=False)
         self.state = _TrainState()
         optimizer = optim.make_optimizer(parameter_groups(task, optim))
+        # Under FSDP: the towers' blocks named for sharding, and a copy without memory for the full weights.
+        self._shell = sharding.before_prepare(self.accelerator, task, optim.l2sp)
+        if config.compile:
+            task.compile()  # in place: parameter names, checkpoints and unwrap_model stay as they are
         loaders = dict(eval_loaders or {})
         prepare_parts = getattr(train_loader, "prepare_with", None)
         if prepare_parts is not None:
@@ -320,7 +331,7 @@ class Trainer:
                 data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
         if trackers:
-            self.accelerator.init_trackers("mmtransfer", config=_flat_hparams(run_config))
+            self.accelerator.init_trackers("mmtransfer", config=flat_hparams(run_config))
 
     # -- checkpoints ---------------------------------------------------------------
 
@@ -344,7 +355,7 @@ class Trainer:
         error: OSError | None = None
         if not acc.reduce(failed, "sum").item():
             try:
-                checkpoint.save(tmp, acc, self.task, self.optimizer, self.state.state_dict())
+                checkpoint.save(tmp, acc, self.task, self.optimizer, self.state.state_dict(), self._shell)
             except OSError as err:
                 error, failed = err, failed + 1
         # Every process learns whether any failed, so that all of them stop together instead of waiting.
@@ -428,9 +439,8 @@ class Trainer:
     def run_evaluation(self) -> dict[str, float]:
         if self._evaluate is None:
             return {}
-        self.task.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            metrics = self._evaluate(self.accelerator.unwrap_model(self.task), self.accelerator, self.eval_loaders)
+        with self.evaluation() as task:
+            metrics = self._evaluate(task, self.accelerator, self.eval_loaders)
         self.task.train()
         metrics = {k if "/" in k else f"eval/{k}": float(v) for k, v in metrics.items()}
         self.log(metrics)
@@ -546,6 +556,13 @@ class Trainer:
             tracker.finish()
         return TrainResult(self.run_dir, self.state.step, metrics, model_dir)
 
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[nn.Module]:
+        """The task unwrapped, in eval mode, without gradients, its parameters whole (FSDP): to evaluate after ``fit`` too."""
+        self.task.eval()
+        with torch.no_grad(), self.accelerator.autocast(), sharding.full_parameters(self.task):
+            yield self.accelerator.unwrap_model(self.task)
+
     def add_to_summary(self, values: dict[str, Any]) -> None:
         """Add a recipe's results (test metrics, plots, timings) to the run's ``summary.json`` (main process)."""
         if self.accelerator.is_main_process:
@@ -555,11 +572,13 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         model_dir = None
+        # Under FSDP every process helps gather the full weights, into the shell on the main process.
+        full = sharding.full_weights(acc, self.task, self._shell) if self._shell is not None and self._export else None
         if acc.is_main_process:
             if self._export is not None:
                 model_dir = self.run_dir / "model"
                 try:
-                    self._export(acc.unwrap_model(self.task), model_dir)
+                    self._export(acc.unwrap_model(self.task) if full is None else full, model_dir)
                 except OSError as err:
                     raise folder_error(self.run_dir, err, "export the model") from None
             plot = plot_curves(self.records, self.run_dir / "curves.png")
@@ -567,6 +586,7 @@ class Trainer:
                 "steps": self.state.step,
                 "train_seconds_this_session": round(elapsed, 2),
                 "processes": acc.num_processes,
+                "distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),  # e.g. FSDP
                 "final_metrics": metrics,
                 "model_dir": str(model_dir) if model_dir else None,
                 "curves": str(plot) if plot else None,
@@ -575,25 +595,3 @@ class Trainer:
             write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return model_dir
-
-
-def _flat_hparams(run_config: Any) -> dict[str, Any]:
-    """A flat {dotted.key: scalar} view of the config for trackers (TensorBoard hparams)."""
-    if run_config is None:
-        return {}
-    data = to_dict(run_config) if not isinstance(run_config, dict) else run_config
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif isinstance(node, (int, float, str, bool)):
-            flat[prefix] = node
-        else:
-            flat[prefix] = str(node)
-
-    walk(data, "")
-    return flat
-
-

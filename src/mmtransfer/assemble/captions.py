@@ -306,6 +306,8 @@ def build_model(cfg: Any) -> Any:
 
     model = load(cfg.init_from) if cfg.init_from else create_model(cfg.model)
     if cfg.init_from:
+        if cfg.model.gradient_checkpointing:  # a training setting: the recipe's applies to the saved model too
+            model.set_gradient_checkpointing(True)
         cfg.model = model.config
     f = cfg.freeze
     if f.text:

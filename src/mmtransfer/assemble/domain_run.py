@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..evaluate import load_points, plot_embeddings, sample_points, save_points
 from ..run_folder import read_metrics
 from .domain_data import (
@@ -80,12 +78,10 @@ def fit_domain_run(cfg: AdaptConfig, fast_dev_run: bool = False, make_task: Task
     def points() -> dict[str, Any] | None:
         if not plot_needed:
             return None
-        task = accelerator.unwrap_model(trainer.task)
-        was_training = task.training
-        task.eval()
-        with torch.no_grad(), accelerator.autocast():
+        was_training = trainer.task.training
+        with trainer.evaluation() as task:
             feats = {role: collect(trainer.eval_loaders[role], task.embed, accelerator) for role in ("source", "target")}
-        task.train(was_training)
+        trainer.task.train(was_training)
         return sample_points(feats, cfg.plot.max_points, cfg.train.seed)
 
     before = points() if cfg.plot.before is None else None

@@ -70,10 +70,21 @@ class _TorchvisionResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.num_features = net.fc.in_features
         self.blocks = nn.ModuleList([self.layer1, self.layer2, self.layer3, self.layer4])
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each residual block in the backward pass."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, C, H/32, W/32)
+        if not self.grad_checkpointing:
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, C, H/32, W/32)
+        from torch.utils.checkpoint import checkpoint
+
+        for block in (b for layer in self.blocks for b in layer):
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
         return x.mean(dim=(2, 3))  # (B, C)
@@ -188,6 +199,9 @@ class ImageEncoder(nn.Module):
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         if config.pooling == "cls" and self.num_prefix_tokens == 0:
             raise ValueError(f"image.pooling='cls' needs a backbone with a class token; '{config.name}' has none.")
+        # Asked for (set_gradient_checkpointing), and what the backbone does now: on only while training with gradients.
+        self.gradient_checkpointing = False
+        self._backbone_checkpointing = False
 
     @classmethod
     def from_config(cls, config: ImageEncoderConfig) -> "ImageEncoder":
@@ -216,9 +230,32 @@ class ImageEncoder(nn.Module):
         stack = getattr(self.backbone, "blocks", None)
         return list(stack) if stack is not None else find_blocks(self.backbone)
 
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's blocks in the backward pass instead of keeping their activations.
+
+        timm's own checkpointing (``set_grad_checkpointing``, non-reentrant) or, for a
+        torchvision ResNet, each residual block; it runs only in training mode with
+        gradients enabled, so evaluation and feature caching are unchanged.
+        """
+        if enable:
+            try:
+                self.backbone.set_grad_checkpointing(True)
+                self.backbone.set_grad_checkpointing(False)
+            except (AssertionError, NotImplementedError, AttributeError) as err:
+                raise ValueError(f"The image tower '{self.config.name}' does not support gradient checkpointing "
+                                 f"({type(err).__name__}: {err}): set model.gradient_checkpointing=false.") from None
+        self.gradient_checkpointing = enable
+
+    def _use_checkpointing(self) -> None:
+        active = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if active != self._backbone_checkpointing:
+            self.backbone.set_grad_checkpointing(active)
+            self._backbone_checkpointing = active
+
     def forward(self, pixel_values: torch.Tensor) -> ImageEncoderOutput:
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        self._use_checkpointing()
         feats = self.backbone.forward_features(pixel_values)
         if feats.ndim == 4:  # CNN grid
             tokens = feats.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C)

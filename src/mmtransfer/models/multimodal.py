@@ -44,6 +44,13 @@ MODEL_TYPE = "mmtransfer-multimodal"
 TextInput = str | Sequence[str] | torch.Tensor | dict[str, torch.Tensor]
 
 
+def _logit_scale_as_vector(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load hook: a scalar ``logit_scale`` (saved before it had one dimension) loads as one element."""
+    value = state_dict.get(prefix + "logit_scale")
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        state_dict[prefix + "logit_scale"] = value.reshape(1)
+
+
 def _autograd(grad: bool) -> contextlib.AbstractContextManager:
     """No autograd for the inference helpers unless asked: their outputs then hold no graph, and
     ``float(emb.norm())`` does not warn. ``no_grad`` rather than ``inference_mode``, so that the
@@ -79,12 +86,17 @@ class MultimodalModel(nn.Module):
         drop = config.projection_dropout
         self.text_projection = Projection(text_encoder.width, E, config.text_projection or config.projection, drop)
         self.image_projection: nn.Module = Projection(image_encoder.width, E, config.image_projection or config.projection, drop)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        # One element rather than a scalar: FSDP2 shards only tensors with a dimension. Files written
+        # when it was a scalar still load (see _logit_scale_as_vector).
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / config.init_temperature)))
+        self.register_load_state_dict_pre_hook(_logit_scale_as_vector)
         self.fusion = (
             Fusion(config.fusion, text_encoder.width, image_encoder.width, config.fusion.width or E)
             if config.fusion.num_layers > 0
             else None
         )
+        if config.gradient_checkpointing:
+            self.set_gradient_checkpointing(True)
 
     # -- construction --------------------------------------------------------------
 
@@ -180,8 +192,8 @@ class MultimodalModel(nn.Module):
             return self.project_image(self.image_features(images).pooled, normalize)
 
     def get_logit_scale(self) -> torch.Tensor:
-        """The inverse temperature, clamped to [1, ``max_logit_scale``]."""
-        return self.logit_scale.clamp(0.0, math.log(self.config.max_logit_scale)).exp()
+        """The inverse temperature, clamped to [1, ``max_logit_scale``]: a scalar tensor ()."""
+        return self.logit_scale.clamp(0.0, math.log(self.config.max_logit_scale)).exp().reshape(())
 
     @torch.no_grad()
     def similarity(self, images: Any, texts: TextInput) -> torch.Tensor:
@@ -260,6 +272,17 @@ class MultimodalModel(nn.Module):
         for enc in self._towers(tower):
             enc.requires_grad_(True)
         self.train(self.training)
+        return self
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> "MultimodalModel":
+        """Recompute both towers' blocks in the backward pass instead of keeping their activations.
+
+        The setting is ``config.gradient_checkpointing``, so it is saved with the model. It
+        matters only when training with gradients through a tower.
+        """
+        self.text_encoder.set_gradient_checkpointing(enable)
+        self.image_encoder.set_gradient_checkpointing(enable)
+        self.config = replace(self.config, gradient_checkpointing=enable)
         return self
 
     def train(self, mode: bool = True) -> "MultimodalModel":

@@ -140,6 +140,37 @@ class TextEncoder(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return find_blocks(self.model)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True when the transformer's layers recompute their activations in the backward pass."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer layer in the backward pass instead of keeping its activations.
+
+        Hugging Face checkpoints a layer only in training mode with gradients enabled, so
+        evaluation and feature caching run as before. Non-reentrant checkpointing needs no
+        input that requires grad: the hook transformers adds to make the embeddings' output
+        require grad is removed again, so a frozen tower still builds no graph.
+        """
+        model = self.model
+        if not enable:
+            if self.gradient_checkpointing:
+                (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+            return
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"The text tower '{self.config.name}' ({type(model).__name__}) does not support gradient "
+                             "checkpointing: set model.gradient_checkpointing=false.")
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+            model.disable_input_require_grads()
+        if getattr(model.config, "use_cache", False):  # an encoder keeps no cache; this silences transformers' warning
+            model.config.use_cache = False
+
     def tokenize(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> ``input_ids`` and ``attention_mask``, (B, T), padded to the longest."""
         if isinstance(texts, str):

@@ -98,9 +98,7 @@ def run(cfg: FinetuneConfig, fast_dev_run: bool = False) -> dict[str, Any]:
     result = trainer.fit()
     test_metrics: dict[str, float] = {}
     if "test/images" in trainer.eval_loaders:
-        task_ = accelerator.unwrap_model(trainer.task)
-        task_.eval()
-        with torch.no_grad():
+        with trainer.evaluation() as task_:
             test_metrics = evaluate_retrieval(task_.model, accelerator, trainer.eval_loaders["test/images"],
                                               trainer.eval_loaders["test/captions"], cfg.data.rerank_k)
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,

@@ -297,13 +297,11 @@ def run(cfg: MultitaskConfig, fast_dev_run: bool = False) -> dict[str, Any]:
                       eval_loaders=_eval_loaders(cfg, model, data, plan, text_cache, text_rows),
                       run_config=cfg, export=export, summary_extra=summary_extra, accelerator=accelerator)
     result = trainer.fit()
-    task_ = accelerator.unwrap_model(trainer.task)
-    task_.eval()
-    with torch.no_grad(), accelerator.autocast():
-        test_metrics = evaluation.split(task_, accelerator, trainer.eval_loaders, "test")
     final_weights = {}
-    if isinstance(task_.weighting, UncertaintyWeighting):
-        final_weights = {k: float(v) for k, v in zip(task_.weighting.names, task_.weighting.log_vars.detach().cpu())}
+    with trainer.evaluation() as task_:
+        test_metrics = evaluation.split(task_, accelerator, trainer.eval_loaders, "test")
+        if isinstance(task_.weighting, UncertaintyWeighting):
+            final_weights = {k: float(v) for k, v in zip(task_.weighting.names, task_.weighting.log_vars.detach().cpu())}
     summary = {"run_dir": str(result.run_dir), "model_dir": str(result.model_dir) if result.model_dir else None,
                "steps": result.step, "tasks": enabled, "batch_shares": sizes, "weighting": t.weighting,
                "log_vars": final_weights, "validation": result.metrics, "test": test_metrics}
