@@ -16,18 +16,9 @@ import sys
 import textwrap
 from typing import Any
 
-from mmtransfer.config import ConfigError, parse_value
+from mmtransfer.cli import parse_options
+from mmtransfer.config import ConfigError
 from mmtransfer.data import DataError, load
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"Options look like key=value (e.g. caption_column=text), got '{pair}'.")
-        key, value = pair.split("=", 1)
-        options[key.strip()] = parse_value(value)
-    return options
 
 
 def _font(size: int) -> Any:

@@ -25,20 +25,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
-from mmtransfer.config import ConfigError, parse_value
+from mmtransfer.cli import parse_options
+from mmtransfer.config import ConfigError
 from mmtransfer.data import DataError, load, write_shards
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"Options look like key=value (e.g. caption_column=text), got '{pair}'.")
-        key, value = pair.split("=", 1)
-        options[key.strip()] = parse_value(value)
-    return options
 
 
 def main(argv: list[str] | None = None) -> int:

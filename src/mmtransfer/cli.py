@@ -123,6 +123,19 @@ def _sets_section(section: str, path: str | None, overrides: list[str]) -> bool:
         return False
 
 
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` words of a data script's command line -> data options (values parsed as YAML)."""
+    from .config import parse_value
+
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"Options look like key=value (e.g. caption_column=text), got '{pair}'.")
+        key, value = pair.split("=", 1)
+        options[key.strip()] = parse_value(value)
+    return options
+
+
 def run_main(fn: Any, *args: Any) -> Any:
     """Call ``fn``; errors meant for people (bad data, names, configs) end with one line, not a stack trace."""
     from .checkpoint import CheckpointError
