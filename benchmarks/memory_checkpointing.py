@@ -116,11 +116,13 @@ def child(args: argparse.Namespace) -> dict:
 
     import torch
 
+    from mmtransfer.models.common import compile_towers
+
     if args.threads:
         torch.set_num_threads(args.threads)
     model, batch = _build(args, args.child == "on")
     if args.child == "compile":
-        model.compile()  # what train.compile does to the task, here to the model
+        compile_towers(model)  # what train.compile does
     gc.collect()
     cuda = args.device.startswith("cuda")
     if cuda:

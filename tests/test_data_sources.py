@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -280,7 +281,7 @@ def test_class_selection_applies_before_bad_sample_checks(tmp_path):
 # ----------------------------------------------------------------------------- max_samples: first or balanced
 
 
-def _sorted_by_class(tmp_path, bad: tuple[int, ...] = ()) -> "Path":
+def _sorted_by_class(tmp_path, bad: tuple[int, ...] = ()) -> Path:
     """30 rows of each of 10 classes, sorted by class; rows in ``bad`` carry label 99 (outside the list)."""
     labels = np.repeat(np.arange(10), 30)
     labels[list(bad)] = 99

@@ -147,7 +147,9 @@ def test_the_recipe_key_reaches_built_and_loaded_models(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_compiled_training_runs_and_saves_plain_weights(tmp_path):
-    """train.compile: a few steps of the caption task compile, give a finite loss, and save the usual weight names."""
+    """train.compile: a few steps of the caption task compile, give a finite loss, train the projections through
+    the contrastive loss alone (compiling the whole task once returned a loss without a graph there), and save
+    the usual weight names."""
     import json
 
     from safetensors.torch import load_file
@@ -156,16 +158,18 @@ def test_compiled_training_runs_and_saves_plain_weights(tmp_path):
     from mmtransfer.train import OptimConfig, TrainConfig, Trainer
 
     model = _tiny()
-    task = CaptionTask(model, CaptionObjectiveConfig(itm_weight=0.5))
+    before = {k: v.clone() for k, v in model.image_projection.state_dict().items()}
+    task = CaptionTask(model, CaptionObjectiveConfig(itm_weight=0.0))
     batches = [_batch(model) | {"image_index": torch.arange(4)} for _ in range(2)]
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, trackers=[], progress_bar=False,
                       log_every=1, compile=True)
     result = Trainer(task, batches, cfg, OptimConfig(warmup_steps=0), export=lambda t, d: t.model.save_pretrained(d)).fit()
     losses = [json.loads(line)["train/loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert task._compiled_call_impl is not None  # it really ran compiled
-    names = load_file(str(result.run_dir / "checkpoints" / "checkpoint-3" / "model.safetensors")).keys()
-    assert "model.logit_scale" in names and not any("_orig_mod" in n for n in names)
+    assert model.text_encoder._compiled_call_impl is not None and model.image_encoder._compiled_call_impl is not None
+    weights = load_file(str(result.run_dir / "checkpoints" / "checkpoint-3" / "model.safetensors"))
+    assert "model.logit_scale" in weights and not any("_orig_mod" in n for n in weights)
+    assert any(not torch.equal(weights[f"model.image_projection.{k}"], v) for k, v in before.items())
     assert mmtransfer.load(result.model_dir).config == model.config
 
 

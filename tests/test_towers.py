@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 import torch

@@ -31,6 +31,7 @@ from .config import FRACTION, Range, at_least, check_ranges, to_dict
 from .distributed import check_launch, has_accelerator_device, launched_processes
 from .evaluate import plot_curves
 from .losses.l2sp import L2SP, tower_parameter_ids
+from .models.common import compile_towers
 from .objectives.base import StepInfo, TaskOutput
 from .run_folder import (
     CHECKPOINT_PREFIX,
@@ -139,9 +140,9 @@ class TrainConfig:
     fast_dev_run: bool = False
     # Show a progress bar on the console (main process only).
     progress_bar: bool = True
-    # Compile the task (model and losses) with torch.compile before Accelerate wraps it. Meant for
-    # GPUs, where no speed-up has been measured yet; on a CPU the tiny test towers compile for
-    # 46 s and then step no faster (docs/results/benchmarks.md).
+    # Compile the towers (text and image encoders) with torch.compile before Accelerate wraps the task.
+    # Meant for GPUs, where no speed-up has been measured yet; on a CPU the tiny test towers compile
+    # for 46 s and then step no faster (docs/results/benchmarks.md).
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -301,7 +302,7 @@ class Trainer:
         # Under FSDP: the towers' blocks named for sharding, and a copy without memory for the full weights.
         self._shell = sharding.before_prepare(self.accelerator, task, optim.l2sp)
         if config.compile:
-            task.compile()  # in place: parameter names, checkpoints and unwrap_model stay as they are
+            compile_towers(task)  # in place: parameter names, checkpoints and unwrap_model stay as they are
         loaders = dict(eval_loaders or {})
         prepare_parts = getattr(train_loader, "prepare_with", None)
         if prepare_parts is not None:
