@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--data", default="openmoji", help="what to read: a built-in set or a folder (default: openmoji)")
     parser.add_argument("--split", default="train", help="split of a built-in set (default: train)")
     parser.add_argument("--image-tower", default="efficientnet-lite0", help="whose preprocessing to apply (a tower alias or timm name)")
+    parser.add_argument("--tokenizer", default="minilm-l6", help="the captions' tokenizer: a text tower alias or a folder")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--epochs", type=int, default=1, help="timed epochs per setting (after one untimed epoch)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -184,7 +185,7 @@ def main() -> None:
     ds = load(args.data, split=args.split) if not Path(args.data).is_dir() else load(args.data)
     load_s = time.perf_counter() - start
     pre_config = build_backbone(mmtransfer.ImageEncoderConfig(name=args.image_tower, pretrained=False))[1]
-    tokenizer = AutoTokenizer.from_pretrained(resolve_text_name("minilm-l6"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_name(args.tokenizer))
     preprocessor = ImagePreprocessor(pre_config)
     augment = AugmentConfig(crop_scale=(0.7, 1.0), color_jitter=0.2)
 

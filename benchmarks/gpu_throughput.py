@@ -434,10 +434,15 @@ def main() -> None:
     parser.add_argument("--profile", choices=list(VARIANTS), help="also profile this variant (needs --out)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per variant")
     parser.add_argument("--out", type=Path, help="folder for results.json, table.md and profiles")
+    parser.add_argument("--table-from", type=Path, help="print the table of an earlier run's results.json (e.g. one cut short)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print(saved["header"] + "\n\n" + table(saved["rows"], saved["peak"]["peak_flops"]))
         return
 
     import torch

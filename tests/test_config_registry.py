@@ -52,6 +52,18 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert cfg.init_temperature == 0.01
 
 
+def test_yaml_booleans_name_the_choice_they_spell(tmp_path):
+    """YAML 1.1 reads no/yes as booleans: train.mixed_precision=no (or unquoted in a recipe) is the choice "no"."""
+    from mmtransfer.assemble.captions import FinetuneConfig
+
+    assert load_config(FinetuneConfig, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(FinetuneConfig, path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"'train.mixed_precision' must be one of \['no', 'bf16', 'fp16'\], got True"):
+        load_config(FinetuneConfig, None, ["train.mixed_precision=yes"])  # no choice is spelled "yes"
+
+
 @pytest.mark.parametrize(
     "overrides, pattern",
     [

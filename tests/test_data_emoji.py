@@ -254,3 +254,18 @@ def test_cached_load_is_fast(openmoji, cache_dir):
     ds = load("openmoji", split="test", cache_dir=cache_dir, max_samples=10)
     assert len(ds) == 10 and len(set(ds["label"])) == 10  # view-major order: 10 classes
     assert time.perf_counter() - start < 5
+
+
+def test_openmoji_font_from_the_environment_variable(monkeypatch, tmp_path):
+    """$MMTRANSFER_OPENMOJI_FONT replaces the package's font (a machine with the font file but not the package);
+    a path that is not a file fails naming the variable."""
+    from mmtransfer.data.config import DataError
+    from mmtransfer.data.emoji_fonts import openmoji_font_path
+
+    copy = tmp_path / "glyf_colr0.ttf"
+    copy.write_bytes(b"font bytes")
+    monkeypatch.setenv("MMTRANSFER_OPENMOJI_FONT", str(copy))
+    assert openmoji_font_path() == copy
+    monkeypatch.setenv("MMTRANSFER_OPENMOJI_FONT", str(tmp_path / "missing.ttf"))
+    with pytest.raises(DataError, match=r"\$MMTRANSFER_OPENMOJI_FONT points at .*missing.ttf"):
+        openmoji_font_path()

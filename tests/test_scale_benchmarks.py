@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,31 @@ def test_loader_benchmark_reads_a_jpeg_folder_and_prices_its_headroom(tmp_path):
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert len(rows) == 2 and all(r["images_per_s"] > 0 for r in rows)
     assert f"{rows[0]['images_per_s'] / 100:.2f} |" in text and "best headroom" in text
+
+
+def test_packed_text_tower_restores_to_a_loadable_float32_folder(tmp_path):
+    """benchmarks/gpu_session/pack.py: MiniLM travels as float16 and comes back as a float32 folder that
+    transformers loads, within float16 rounding of the packaged weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from mmtransfer.registry import resolve_text_name
+
+    try:
+        from data_helpers import load_repo_module
+    except ImportError:
+        from tests.data_helpers import load_repo_module
+    pack = load_repo_module("benchmarks/gpu_session/pack.py")
+    (tmp_path / "packed").mkdir()
+    pack.pack_text(tmp_path / "packed")
+    stored = load_file(str(tmp_path / "packed" / "model.fp16.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    pack.restore_text(tmp_path / "packed", tmp_path / "restored")
+    original = load_file(str(Path(resolve_text_name("minilm-l6")) / "model.safetensors"))
+    restored = load_file(str(tmp_path / "restored" / "model.safetensors"))
+    assert restored.keys() == original.keys()
+    for k, v in original.items():
+        assert restored[k].dtype == v.dtype and torch.allclose(restored[k], v, rtol=1e-3, atol=1e-4), k
+    model = AutoModel.from_pretrained(tmp_path / "restored")
+    assert next(model.parameters()).dtype == torch.float32

@@ -244,6 +244,10 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     )
 
 
+_YAML_TRUE = ("yes", "on", "true", "y")
+_YAML_FALSE = ("no", "off", "false", "n")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``, converting where YAML is loose."""
     if _is_dataclass_type(tp):
@@ -267,6 +271,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"'{where}' has a bad value {value!r}.")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads no/off/yes/on as booleans: train.mixed_precision=no means the choice "no".
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in (_YAML_TRUE if value else _YAML_FALSE)]
+            if len(spelled) == 1:
+                return spelled[0]
         if value not in args:
             raise ConfigError(f"'{where}' must be one of {list(args)}, got {value!r}.")
         return value

