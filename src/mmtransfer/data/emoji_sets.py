@@ -409,6 +409,14 @@ def _open_font(path: Path, font_size: int | None, image_size: int, name: str, in
         return EmojiFont(path, NOTO_BITMAP_SIZE, name, ink)  # bitmap (CBDT) fonts load at their one size
 
 
+def _file_format(image_format: str) -> tuple[str, dict[str, Any]]:
+    """File suffix and Pillow save options of an image format name."""
+    formats = {"png": (".png", {"optimize": False}), "jpeg": (".jpg", {"quality": 90})}
+    if image_format not in formats:
+        raise DataError(f"Unknown image format {image_format!r}; choose png or jpeg.")
+    return formats[image_format]
+
+
 def render_font_folder(
     font_path: str | Path,
     out: str | Path,
@@ -458,9 +466,7 @@ def render_font_folder(
     unknown = wanted - set(SPLITS)
     if unknown:
         raise DataError(f"Unknown split(s) {sorted(unknown)}; choose from {', '.join(SPLITS)} or all.")
-    if image_format not in ("png", "jpeg"):
-        raise DataError(f"Unknown image format {image_format!r}; choose png or jpeg.")
-    suffix, save_options = (".png", {"optimize": False}) if image_format == "png" else (".jpg", {"quality": 90})
+    suffix, save_options = _file_format(image_format)
     name = label or path.stem
     font = _open_font(path, font_size, image_size, name, ink)
     reference_side = float(max(font.glyph_image(REFERENCE_EMOJI).size))
