@@ -100,6 +100,8 @@ def first_batch_seconds(ds, collate, batch_size: int, workers: int, pin: bool) -
 
 def gpu_decode_rate(ds, batch_size: int, workers: int, size: int, epochs: int, device: str) -> float:
     """Images/s of JPEG bytes read by loader workers and decoded + resized + centre-cropped on ``device`` (the GPU)."""
+    from pathlib import Path
+
     import torch
     import torchvision.transforms.v2.functional as TF
     from torch.utils.data import DataLoader
@@ -111,7 +113,7 @@ def gpu_decode_rate(ds, batch_size: int, workers: int, size: int, epochs: int, d
 
     def read(i: int) -> torch.Tensor:
         image = rows[i]["image"]
-        data = image["bytes"] if image.get("bytes") else open(image["path"], "rb").read()
+        data = image["bytes"] if image.get("bytes") else Path(image["path"]).read_bytes()
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     loader = DataLoader(range(len(rows)), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,

@@ -20,7 +20,8 @@ timeout "${limit[0]}" "$PY" benchmarks/data_pipeline.py --data "$KEEP/openmoji_j
     --image-tower vit_base_patch16_224 --augment-only --pin-memory --gpu-decode "${loader[@]}" \
     --model-results "$KEEP/throughput/results.json" --json "$OUT/loader.json" 2>&1 | tee "$OUT/loader.log"
 
-timeout "${limit[1]}" "$PY" benchmarks/full_tower_transfer.py --out "$KEEP/transfer" "${transfer[@]}" \
+# 6 runs side by side on 16 cores: 2 torch threads each, their loader workers one each.
+OMP_NUM_THREADS=2 timeout "${limit[1]}" "$PY" benchmarks/full_tower_transfer.py --out "$KEEP/transfer" "${transfer[@]}" \
     --set "train.mixed_precision=$precision" train.num_workers=4 "model.text.name=$PWD/$KEEP/minilm-l6" \
     --eval-set train.num_workers=4 > "$OUT/transfer.log" 2>&1
 tail -15 "$OUT/transfer.log"
