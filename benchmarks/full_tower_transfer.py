@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from domain_digits import _stat, run_script  # noqa: E402
+
 EVALS = {"openmoji_unseen": "configs/openmoji_zero_shot.yaml", "noto_unseen": "configs/noto_zero_shot.yaml"}
 
 
@@ -40,14 +41,13 @@ def arm_overrides(arm: str, tower_lr: float) -> list[str]:
     return [] if arm == "frozen" else ["freeze.image=false", f"optim.tower_lr={tower_lr:g}"]
 
 
-def run_logged(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the repository with its output in ``log``; seconds taken. Raises naming the log on failure."""
+def timed_run(cmd: list[str], run_dir: Path, log: Path, what: str) -> float:
+    """domain_digits.run_script (fresh run folder, output to ``log``), timed; a failure raises RuntimeError naming the log."""
     start = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-3:]
-        raise RuntimeError(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode}); {log}: {' / '.join(tail)}")
+    try:
+        run_script(cmd, run_dir, log, None, what)
+    except SystemExit as err:  # run_script's exit would end every run of the pool: this run fails alone
+        raise RuntimeError(str(err)) from None
     return time.perf_counter() - start
 
 
@@ -61,25 +61,17 @@ def one_run(arm: str, seed: int, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "scripts/finetune_captions.py", "--config", "configs/openmoji_transfer.yaml", *dev,
                f"train.seed={seed}", f"train.output_dir={run_dir}", "train.progress_bar=false",
                *arm_overrides(arm, args.tower_lr), *args.set]
-        result["train_s"] = run_logged(cmd, logs / f"{name}_train.log")
+        result["train_s"] = timed_run(cmd, run_dir, logs / f"{name}_train.log", f"{name} training")
         for key, config in EVALS.items():
             out = args.out / "runs" / f"{name}_{key}"
             cmd = [sys.executable, "scripts/transfer_classify.py", "--config", config, *dev, f"model={run_dir / 'model'}",
                    f"train.output_dir={out}", "train.progress_bar=false", *args.eval_set]
-            result[f"{key}_s"] = run_logged(cmd, logs / f"{name}_{key}.log")
+            result[f"{key}_s"] = timed_run(cmd, out, logs / f"{name}_{key}.log", f"{name} {key}")
             result[key] = json.loads((out / "results.json").read_text())["zero_shot"]["top1"]
     except RuntimeError as err:
         result["error"] = str(err)
     print(f"{name}: {result}", file=sys.stderr, flush=True)
     return result
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f} (1 seed)"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
@@ -88,7 +80,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
         rows = [r for r in results if r["arm"] == arm and "error" not in r]
         what = "towers frozen, cached features" if arm == "frozen" else f"image tower trained (tower_lr {args.tower_lr:g})"
         minutes = statistics.mean(r["train_s"] for r in rows) / 60 if rows else float("nan")
-        lines.append(f"| {what} | {mean_std([r['openmoji_unseen'] for r in rows])} | {mean_std([r['noto_unseen'] for r in rows])} "
+        lines.append(f"| {what} | {_stat([r['openmoji_unseen'] for r in rows])} | {_stat([r['noto_unseen'] for r in rows])} "
                      f"| {minutes:.1f} | {','.join(str(r['seed']) for r in rows)} |")
     failed = [r for r in results if "error" in r]
     return "\n".join(lines + [f"\n{r['arm']} seed {r['seed']} failed: {r['error']}" for r in failed])

