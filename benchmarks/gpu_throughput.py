@@ -35,6 +35,8 @@ Usage:
     python benchmarks/gpu_throughput.py --device cuda --out results/gpu       # on a GPU: the table
     python benchmarks/gpu_throughput.py --device cuda --only ours open_clip plain --profile ours
     python benchmarks/gpu_throughput.py --towers tiny --device cpu --batch-size 8 --steps 2 --warmup 1   # a CPU check
+    python benchmarks/gpu_throughput.py --device cpu --batch-size 8 --steps 4 --warmup 1 --rounds 3 \
+        --only ours open_clip plain                    # the base towers on a CPU, interleaved
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -373,11 +376,11 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
-def run_child(variant: str, args: argparse.Namespace, batch_size: int) -> dict:
+def run_child(variant: str, args: argparse.Namespace, batch_size: int, profile: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--batch-size", str(batch_size), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--tokens", str(args.tokens), "--device", args.device, "--towers", args.towers,
            "--tokenizer", args.tokenizer]
-    cmd += ["--profile", args.profile, "--out", str(args.out)] if args.profile and args.out else []
+    cmd += ["--profile", args.profile, "--out", str(args.out)] if profile and args.profile and args.out else []
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -401,6 +404,16 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
         batch //= 2
 
 
+def merge_round(row: dict, again: dict) -> dict:
+    """A variant's row after one more round: the median step time over the rounds so far (peak memory: the largest)."""
+    if "error" in again:
+        return {**row, "round_errors": row.get("round_errors", []) + [again["error"]]}
+    rounds = row.get("step_s_rounds", [row["step_s"]]) + [again["step_s"]]
+    step_s = statistics.median(rounds)
+    return {**row, "step_s": step_s, "images_per_s": row["batch"] / step_s, "step_s_rounds": rounds,
+            "peak_gb": max(row["peak_gb"], again["peak_gb"])}
+
+
 def missing_peer(variant: str) -> str | None:
     if variant.startswith("open_clip"):
         try:
@@ -408,6 +421,11 @@ def missing_peer(variant: str) -> str | None:
         except ImportError:
             return "open_clip is not installed (pip install 'mmtransfer[bench]')"
     return None
+
+
+def _rate(per_s: float) -> str:
+    """Images per second with three significant figures up to 1,000 (a CPU check's 1.16, not 1)."""
+    return f"{per_s:,.0f}" if per_s >= 1000 else f"{per_s:.3g}"
 
 
 def table(rows: list[dict], peak: float) -> str:
@@ -418,7 +436,7 @@ def table(rows: list[dict], peak: float) -> str:
             lines.append(f"| {VARIANTS[r['variant']]} | - | failed: {r['error']} | | | | |")
             continue
         mfu = r["flops_per_step"] / r["step_s"] / peak
-        lines.append(f"| {VARIANTS[r['variant']]} | {r['batch']} | {r['images_per_s']:,.0f} | {r['step_s'] * 1000:,.1f} "
+        lines.append(f"| {VARIANTS[r['variant']]} | {r['batch']} | {_rate(r['images_per_s'])} | {r['step_s'] * 1000:,.1f} "
                      f"| {r['peak_gb']:.1f} | {r['flops_per_step'] / 1e12:.3g} | {mfu:.1%} |")
     return "\n".join(lines)
 
@@ -437,11 +455,16 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="minilm-l6",
                         help="where the BERT uncased vocabulary comes from: a text tower alias or a folder (default: the packaged MiniLM)")
     parser.add_argument("--profile", choices=list(VARIANTS), help="also profile this variant (needs --out)")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per variant")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the variants this many times, interleaved, and keep each one's median step time "
+                             "(for a machine shared with other jobs)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds allowed per variant and round")
     parser.add_argument("--out", type=Path, help="folder for results.json, table.md and profiles")
     parser.add_argument("--table-from", type=Path, help="print the table of an earlier run's results.json (e.g. one cut short)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -461,18 +484,28 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     header = (f"{'ViT-B/16 (224 px) + BERT-base' if args.towers == 'base' else 'tiny test towers'}, random weights, "
               f"{args.tokens} tokens a caption, embed {EMBED_DIM}, {'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}; "
-              f"{device_name}, measured matmul peak {peak['peak_flops'] / 1e12:.3g} TFLOP/s; torch {torch.__version__}")
+              f"{device_name}, measured matmul peak {peak['peak_flops'] / 1e12:.3g} TFLOP/s; torch {torch.__version__}"
+              + (f"; median of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
     print(header, flush=True)
-    rows = []
+    variants = []
     for variant in args.only:
         why = missing_peer(variant)
         if why:
             print(f"{variant}: left out, {why}", file=sys.stderr)
-            continue
-        rows.append(measure(variant, args))
-        print(f"{variant}: {rows[-1]}", file=sys.stderr, flush=True)
-        if args.out:  # after every variant, so a run cut short keeps what it measured
-            (args.out / "results.json").write_text(json.dumps({"header": header, "peak": peak, "rows": rows}, indent=2))
+        else:
+            variants.append(variant)
+    rows: dict[str, dict] = {}
+    for round_ in range(args.rounds):  # rounds interleave the variants: a slow minute on a shared machine hits them all
+        for variant in variants:
+            if round_ == 0:
+                rows[variant] = measure(variant, args)
+            elif "error" not in rows[variant]:
+                rows[variant] = merge_round(rows[variant], run_child(variant, args, rows[variant]["batch"], profile=False))
+            print(f"{variant}: {rows[variant]}", file=sys.stderr, flush=True)
+            if args.out:  # after every variant, so a run cut short keeps what it measured
+                (args.out / "results.json").write_text(
+                    json.dumps({"header": header, "peak": peak, "rows": list(rows.values())}, indent=2))
+    rows = list(rows.values())
     text = table(rows, peak["peak_flops"])
     print()
     print(text)
