@@ -26,7 +26,8 @@ model FLOPs per step (``torch.utils.flop_counter`` on one step: matmuls, convolu
 and attention, forward and backward) and MFU = FLOPs per second / the device's dense
 bf16 peak, itself measured in the same run with an 8192^3 matrix product.
 ``--profile VARIANT`` also writes the torch profiler's table for that variant, with the
-share of the step the GPU spends in kernels.
+share of the step the GPU spends in kernels, and counts where a step makes the host wait
+for the GPU (``torch.cuda.set_sync_debug_mode``).
 
 The peers are optional (``pip install 'mmtransfer[bench]'``); a variant whose package
 is missing is left out with a line saying so.
@@ -265,18 +266,23 @@ class OursTrainer:
     def run(self, warmup: int, steps: int) -> float:
         from mmtransfer.train import OptimConfig, TrainConfig, Trainer
 
+        # The loop reads its metrics only at log steps (a read waits for the GPU): log where the timing needs a
+        # stamp, at the end of the warm-up and every gcd(warmup, steps) steps after, as a user's log_every would.
+        log_every = math.gcd(warmup, steps) if warmup else 1
         with tempfile.TemporaryDirectory() as out:
             cfg = TrainConfig(output_dir=out, max_steps=warmup + steps, batch_size=self.batch_size, trackers=[],
-                              log_every=1, eval_every=0, save_every=0, progress_bar=False,
+                              log_every=log_every, eval_every=0, save_every=0, progress_bar=False,
                               mixed_precision="bf16" if self.device.type == "cuda" else "no",
                               compile=self.variant == "ours+compile")
             optim = OptimConfig(lr=LR, tower_lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, warmup_steps=0)
             trainer = Trainer(self.task, [self.batch] * (warmup + steps), cfg, optim)
             trainer.save_checkpoint = lambda: None  # measure steps, not disk
             trainer.fit()
-            # Each step logs after .item() on its loss, i.e. once the GPU has finished it.
-            stamps = [r["time"] for r in trainer.records if "train/loss" in r]
-        return (stamps[-1] - stamps[warmup - 1]) / steps if warmup else (stamps[-1] - stamps[0]) / max(1, steps - 1)
+            # A log step reads the losses, i.e. waits until the GPU has finished every step before it.
+            stamps = {r["step"]: r["time"] for r in trainer.records if "train/loss" in r}
+        if warmup:
+            return (stamps[warmup + steps] - stamps[warmup]) / steps
+        return (stamps[steps] - stamps[1]) / max(1, steps - 1)
 
     def forward_backward(self) -> None:
         from mmtransfer.objectives.base import StepInfo
@@ -315,7 +321,7 @@ def peak_flops(device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def profile(trainer, device, out_dir: Path, name: str, step_s: float, steps: int = 3) -> dict:
+def profile(trainer, device, out_dir: Path, name: str, step_s: float, steps: int = 4) -> dict:
     """The torch profiler over ``steps`` steps: its table (by device time) to a file, and the kernels' share of
     ``steps`` x ``step_s`` (the unprofiled step time; for ours the profiled window also builds a Trainer)."""
     import torch
@@ -323,9 +329,9 @@ def profile(trainer, device, out_dir: Path, name: str, step_s: float, steps: int
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step = trainer.step if hasattr(trainer, "step") else None
-    if step is None:  # ours: one Trainer.fit of `steps` steps after a warm one
+    if step is None:  # ours: one Trainer.fit of `steps` steps after a warm one, logging every `steps` // 2
         trainer.run(1, 1)
-        step_fn = lambda: trainer.run(0, steps)  # noqa: E731
+        step_fn = lambda: trainer.run(steps // 2, steps - steps // 2)  # noqa: E731
         reps = 1
     else:
         step_fn, reps = step, steps
@@ -344,6 +350,36 @@ def profile(trainer, device, out_dir: Path, name: str, step_s: float, steps: int
     path.write_text(f"{name}: {steps} steps profiled in {wall:.3f} s wall; GPU kernels {kernel_us / 1e6:.3f} s; "
                     f"{step_s:.4f} s per step unprofiled\n\n{table}\n")
     return {"profile": str(path), "kernel_share": kernel_us / 1e6 / (steps * step_s)}
+
+
+def host_syncs(trainer, steps: int = 4) -> dict:
+    """Where the host waits for the GPU (``torch.cuda.set_sync_debug_mode``), per step: the syncs of 2 x ``steps``
+    steps less those of 2 steps, each run logging twice (ours also builds a Trainer and finishes it in each),
+    and the source lines that made them."""
+    import collections
+    import warnings
+
+    import torch
+
+    def syncs(n: int) -> collections.Counter:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                if hasattr(trainer, "step"):  # the peers' loops
+                    for _ in range(2 * n):
+                        trainer.step()
+                else:  # ours: a Trainer.fit of 2n steps that logs after n and 2n
+                    trainer.run(n, n)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+    one, many = syncs(1), syncs(steps)
+    per_step = many.copy()
+    per_step.subtract(one)
+    sites = {site: count / (2 * steps - 2) for site, count in per_step.items() if count > 0}
+    return {"syncs_per_step": sum(sites.values()), "sync_sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:10])}
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -371,6 +407,8 @@ def child(args: argparse.Namespace) -> dict:
         if args.profile == args.child and args.out:
             try:  # the measured row matters more than its profile
                 result.update(profile(trainer, device, Path(args.out), args.child, step_s))
+                if device.type == "cuda":
+                    result.update(host_syncs(trainer))
             except Exception as err:  # noqa: BLE001
                 result["profile_error"] = f"{type(err).__name__}: {err}"[:300]
     return result
@@ -520,6 +558,8 @@ def main() -> None:
             print(f"{r['variant']}: the profiler failed: {r['profile_error']}")
         if "kernel_share" in r and args.device.startswith("cuda"):
             print(f"{r['variant']}: GPU kernels busy {r['kernel_share']:.0%} of the profiled steps ({r['profile']})")
+        if "syncs_per_step" in r:
+            print(f"{r['variant']}: the host waits for the GPU {r['syncs_per_step']:.1f} times a step: {r['sync_sites']}")
     print(f"({(time.perf_counter() - started) / 60:.1f} min for the whole command)")
     if args.out:
         (args.out / "table.md").write_text(header + "\n\n" + text + "\n")

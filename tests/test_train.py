@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import mmtransfer
 from mmtransfer.losses import ContrastiveLoss, MatchingLoss, sample_hard_negatives
+from mmtransfer.objectives.base import TaskOutput
 from mmtransfer.objectives.captions import CaptionObjectiveConfig, CaptionTask, caption_groups
 from mmtransfer.run_folder import list_checkpoints
 from mmtransfer.schedules import dann_lambda, warmup_cosine
@@ -56,7 +57,7 @@ class Collate:
                 "attention_mask": tok["attention_mask"], "image_index": torch.tensor(idx)}
 
 
-def _trainer(tmp_path, max_steps=6, **train_kw) -> Trainer:
+def _trainer(tmp_path, max_steps=6, log_every=1, **train_kw) -> Trainer:
     torch.manual_seed(0)
     model = mmtransfer.create_model("tiny-random")
     task = CaptionTask(model, CaptionObjectiveConfig(itm_weight=0.5))
@@ -65,7 +66,7 @@ def _trainer(tmp_path, max_steps=6, **train_kw) -> Trainer:
     # One image per colour, so every caption names exactly one image.
     eval_loader = torch.utils.data.DataLoader(ColourPairs(n=8), batch_size=4, collate_fn=Collate(model.tokenizer))
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=max_steps, batch_size=8, trackers=[],
-                      progress_bar=False, log_every=1, **train_kw)
+                      progress_bar=False, log_every=log_every, **train_kw)
 
     def evaluate(task, accelerator, loaders):
         return task.evaluate_retrieval(accelerator, loaders["eval"], loaders["eval"])
@@ -113,6 +114,13 @@ def test_hard_negatives_follow_similarity():
     g = torch.Generator().manual_seed(0)
     picks = torch.stack([sample_hard_negatives(sim, None, g) for _ in range(200)])
     assert (picks[:, 0] == 1).float().mean() > 0.95
+
+
+def test_hard_negatives_of_a_row_without_negatives_are_uniform():
+    """A batch of one caption group has no negatives: every column is drawn alike, none is NaN."""
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([sample_hard_negatives(torch.randn(4, 4), torch.zeros(4, dtype=torch.long), g) for _ in range(100)])
+    assert torch.bincount(picks, minlength=4).min() > 60  # 400 draws over 4 columns
 
 
 def test_matching_loss_shapes(tiny_model):
@@ -194,6 +202,48 @@ def test_grad_accumulation_and_bf16_autocast_on_cpu(tmp_path):
     assert result.step == 2 and math.isfinite(result.metrics["eval/t2i_R@1"])
 
 
+def test_a_non_finite_loss_stops_the_run_naming_its_step(tmp_path):
+    """The loss is read at log steps, not every step; a NaN is still reported at the step it appeared, before the
+    next evaluation or checkpoint, and nothing after it is saved or exported."""
+    trainer = _trainer(tmp_path, max_steps=8, log_every=5, save_every=2)
+    objective = trainer.task.objective
+    forward = objective.forward
+
+    def nan_from_step_3(model, batch, info):
+        out = forward(model, batch, info)
+        return TaskOutput(out.loss * float("nan"), out.metrics) if info.step >= 3 else out
+
+    objective.forward = nan_from_step_3
+    with pytest.raises(FloatingPointError, match=r"The loss became nan at step 3\. Lower optim.lr"):
+        trainer.fit()
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2"]  # the check before step 4's checkpoint stopped it
+    assert not (run / "model").exists()
+    assert not (run / "metrics.jsonl").exists() or "NaN" not in (run / "metrics.jsonl").read_text()
+
+
+def test_the_loop_reads_no_tensor_between_log_steps(tmp_path, monkeypatch):
+    """On a GPU, reading a tensor (float(), .item(), bool()) waits for every queued kernel. mmtransfer's own code
+    reads the same number of tensors in a 2-step and a 6-step run that log once: none per step."""
+    import sys
+
+    reads: list[tuple[str, int]] = []
+    for name in ("__float__", "__bool__", "__int__", "item", "tolist"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_globals.get("__name__", "").startswith("mmtransfer"):
+                reads.append((caller.f_globals["__name__"], caller.f_lineno))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = {}
+    for steps in (2, 6):
+        reads.clear()
+        _trainer(tmp_path / str(steps), max_steps=steps, log_every=steps).fit()
+        counts[steps] = sorted(reads)
+    assert counts[2] and counts[6] == counts[2]
+
+
 def test_resume_from_missing_folder_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         _trainer(tmp_path, resume=str(tmp_path / "nope")).fit()
@@ -215,6 +265,40 @@ def _two_process_worker(rank: int, images: torch.Tensor, texts: torch.Tensor, gr
     torch.save({"loss": out.loss.detach(), "ga": a.grad, "gb": b.grad}, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _window_worker(rank: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mmtransfer.distributed import MetricWindow
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
+    window = MetricWindow(first_step=10, micro_batches=2, device="cpu")
+    for i, loss in enumerate([1.0, 2.0, 3.0, 4.0] if rank == 0 else [3.0, 4.0, 5.0, 6.0]):
+        window.add("train/loss", torch.tensor(loss))
+        if rank == 1:
+            window.add("train/only_rank1", torch.tensor([float(i), float(i)]))  # a key only one process reports
+    result = {"means": window.means()}
+    if rank == 1:
+        window.values["train/loss"][3] = torch.tensor(float("nan"))  # a NaN on one process, at its 4th micro-batch
+    try:
+        window.means()
+    except FloatingPointError as err:
+        result["error"] = str(err)
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_metric_window_means_over_processes_and_a_nan_on_one_stops_all(tmp_path):
+    """2 gloo processes: each metric is the mean over every value that exists; a NaN on one process is found on
+    both, at its step (micro-batch 3 of 2 per step from step 10: step 11)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_window_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert result["means"] == pytest.approx({"train/loss": 3.5, "train/only_rank1": 1.5})
+        assert result["error"].startswith("The loss became nan at step 11.")
 
 
 @pytest.mark.parametrize("with_groups", [False, True])

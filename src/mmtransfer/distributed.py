@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -71,6 +72,60 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class MetricWindow:
+    """The training metrics of the steps since the last log, read once when the window closes.
+
+    Tensors are kept on their device as they come, because reading one (``float``,
+    ``.item()``) makes the host wait for every kernel queued before it: the loop
+    then never waits for the GPU between log steps.
+    """
+
+    def __init__(self, first_step: int, micro_batches: int, device: torch.device | str) -> None:
+        self.first_step, self.micro_batches, self.device = first_step, micro_batches, torch.device(device)
+        self.values: dict[str, list[torch.Tensor | float]] = {}
+
+    def add(self, key: str, value: torch.Tensor | float) -> None:
+        """One value of ``key`` (a tensor counts as its mean)."""
+        self.values.setdefault(key, []).append(value.detach().float().mean() if isinstance(value, torch.Tensor) else float(value))
+
+    def means(self) -> dict[str, float]:
+        """Each metric's mean over the window and over every process; a non-finite loss stops the run.
+
+        Sums and counts are added up across processes, so a metric that some
+        process did not report (e.g. a loss term its batch had no rows for) is
+        averaged over the values that exist; with equal counts this is the mean
+        of the per-process means, i.e. the metric of the global batch. The
+        ``train/loss`` values (one per micro-batch) are added up position by
+        position, so a NaN or infinity on any process stops every process, with
+        the step where it first appeared.
+        """
+        keys, size = sorted(self.values), world()[1]
+        if size > 1:
+            every = [None] * size
+            dist.all_gather_object(every, keys)
+            keys = sorted(set().union(*every))
+        K = len(keys)
+        sums = [self._stacked(self.values.get(k, [])).sum() for k in keys]
+        counts = [float(len(self.values.get(k, ()))) for k in keys]
+        payload = torch.cat([self._stacked(sums + counts), self._stacked(self.values.get("train/loss", []))])  # 2K + W
+        if size > 1:
+            dist.all_reduce(payload)
+        read = payload.tolist()  # the window's one wait for the device
+        totals, counts, losses = read[:K], read[K:2 * K], read[2 * K:]
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"The loss became {losses[bad]} at step {self.first_step + bad // self.micro_batches}. "
+                "Lower optim.lr, check the data, or try train.mixed_precision=no."
+            )
+        return {k: total / max(count, 1.0) for k, total, count in zip(keys, totals, counts)}
+
+    def _stacked(self, values: list[torch.Tensor | float]) -> torch.Tensor:  # (n,) float64 on the device
+        if not values:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        return torch.stack([torch.as_tensor(v).to(self.device, torch.float64) for v in values])
 
 
 class LaunchError(RuntimeError):

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import checkpoint, sharding
 from .config import FRACTION, Range, at_least, check_ranges, to_dict
-from .distributed import check_launch, has_accelerator_device, launched_processes
+from .distributed import MetricWindow, check_launch, has_accelerator_device, launched_processes
 from .evaluate import plot_curves
 from .losses.l2sp import L2SP, tower_parameter_ids
 from .models.common import compile_towers
@@ -128,7 +128,9 @@ class TrainConfig:
     save_every: int = 0
     # Checkpoints kept on disk (older ones are deleted).
     keep_last: int = 2
-    # Log training metrics every N steps.
+    # Log training metrics every N steps. Metrics stay on the device in between, so the host
+    # never waits for the GPU between log steps; a non-finite loss stops the run at the next
+    # log, evaluation or checkpoint, naming the step where it appeared.
     log_every: int = 10
     # DataLoader worker processes.
     num_workers: int = 0
@@ -210,13 +212,6 @@ def parameter_groups(task: nn.Module, optim: OptimConfig) -> list[dict[str, Any]
     if not out:
         raise ValueError("Nothing to train: every parameter is frozen.")
     return out
-
-
-def _scalar(value: torch.Tensor | float) -> float:
-    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def loop_settings(config: TrainConfig) -> TrainConfig:
@@ -418,26 +413,6 @@ class Trainer:
             except OSError as err:
                 raise folder_error(self.run_dir, err, "append to metrics.jsonl") from None
 
-    def _global_means(self, running: dict[str, list[float]]) -> dict[str, float]:
-        """Each metric's mean over the logging window and over every process.
-
-        Sums and counts are added up across processes, so a metric that some
-        process did not report (e.g. a loss term its batch had no rows for) is
-        averaged over the values that exist; with equal counts this is the mean
-        of the per-process means, i.e. the metric of the global batch.
-        """
-        acc = self.accelerator
-        keys = sorted(running)
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            keys = sorted(set().union(*gather_object([keys])))
-        sums = torch.tensor([[sum(running.get(k, ())), len(running.get(k, ()))] for k in keys], dtype=torch.float64,
-                            device=acc.device).reshape(-1, 2)  # (K, 2): sum, count
-        if acc.num_processes > 1:
-            sums = acc.reduce(sums, "sum")
-        return {k: float(total / max(count, 1.0)) for k, (total, count) in zip(keys, sums.tolist())}
-
     def run_evaluation(self) -> dict[str, float]:
         if self._evaluate is None:
             return {}
@@ -510,7 +485,7 @@ class Trainer:
         )
         self.task.train()
         metrics: dict[str, float] = {}
-        running: dict[str, list[float]] = {}
+        window = MetricWindow(self.state.step, cfg.grad_accum_steps, acc.device)
         started = time.perf_counter()
         batches = self._batches()
         while self.state.step < cfg.max_steps:
@@ -519,32 +494,31 @@ class Trainer:
                 batch = next(batches)
                 with acc.accumulate(self.task):
                     out: TaskOutput = self.task(batch, StepInfo(self.state.step, cfg.max_steps))
-                    if not torch.isfinite(out.loss):
-                        raise FloatingPointError(
-                            f"The loss became {float(out.loss)} at step {self.state.step}. Lower optim.lr, "
-                            "check the data, or try train.mixed_precision=no."
-                        )
                     acc.backward(self.l2sp.add_to(out.loss, out.metrics))  # logs train/l2sp; train/loss is out.loss
                     if acc.sync_gradients:
                         if self.optim_config.grad_clip > 0:
                             norm = acc.clip_grad_norm_(self.task.parameters(), self.optim_config.grad_clip)
-                            running.setdefault("train/grad_norm", []).append(_scalar(norm))
+                            window.add("train/grad_norm", norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
-                running.setdefault("train/loss", []).append(_scalar(out.loss))
+                window.add("train/loss", out.loss)
                 for k, v in out.metrics.items():
-                    running.setdefault(f"train/{k}", []).append(_scalar(v))
+                    window.add(f"train/{k}", v)
             self.state.step += 1
             bar.update(1)
+            evaluate = cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < cfg.max_steps
+            save = cfg.save_every and self.state.step % cfg.save_every == 0 and self.state.step < cfg.max_steps
             if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps:
-                values = self._global_means(running)
+                values = window.means()
                 values["train/lr"] = self.optim_config.lr * lr_mult
-                running = {}
+                window = MetricWindow(self.state.step, cfg.grad_accum_steps, acc.device)
                 self.log(values)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}")
-            if cfg.eval_every and self.state.step % cfg.eval_every == 0 and self.state.step < cfg.max_steps:
+            elif evaluate or save:
+                window.means()  # a non-finite loss stops the run before it is evaluated or saved
+            if evaluate:
                 metrics = self.run_evaluation()
-            if cfg.save_every and self.state.step % cfg.save_every == 0 and self.state.step < cfg.max_steps:
+            if save:
                 self.save_checkpoint()
         bar.close()
         elapsed = time.perf_counter() - started

@@ -41,7 +41,7 @@ def sample_hard_negatives(
         group_ids = torch.arange(B, device=similarity.device)
     same = group_ids[:, None] == group_ids[None, :]  # (B, B)
     logits = similarity.detach().float().masked_fill(same, float("-inf"))  # (B, B)
-    logits[same.all(1)] = 0.0  # a row with no negative in the batch (degenerate): uniform
+    logits = logits.masked_fill(same.all(1, keepdim=True), 0.0)  # a row with no negative in the batch (degenerate): uniform
     weights = logits.softmax(dim=1)
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
@@ -81,7 +81,7 @@ class MatchingLoss(nn.Module):
         texts = torch.cat([text_tokens, text_tokens[neg_text], text_tokens], dim=0)  # (3B, T, Dt)
         masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)  # (3B, T)
         logits = fuse(texts, masks, image_tokens, image_index=image_index).itm_logits.float()  # (3B, 2)
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)  # (3B,)
+        labels = (torch.arange(3 * B, device=logits.device) < B).long()  # (3B,): 1 for the B positives, made on the device
         loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
             accuracy = (logits.argmax(1) == labels).float().mean()

@@ -6,6 +6,7 @@ reads tower features from the batch when they were cached, or computes them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,9 +33,14 @@ def caption_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tor
     Shapes:
         (B, T), (B, T) -> (B,) int64
     """
-    T = input_ids.shape[1]
-    weights = torch.tensor([pow(1_000_003, t, _HASH_MOD) for t in range(T)], dtype=torch.long, device=input_ids.device)
+    weights = _hash_weights(input_ids.shape[1], input_ids.device)  # (T,)
     return ((input_ids.long() + 1) * attention_mask.long() * weights).sum(1)  # (B,); wraps deterministically
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_weights(length: int, device: torch.device) -> torch.Tensor:
+    """The hash's position weights, copied to the device once: a copy every step would wait for the GPU."""
+    return torch.tensor([pow(1_000_003, t, _HASH_MOD) for t in range(length)], dtype=torch.long, device=device)
 
 
 @dataclass
