@@ -214,6 +214,9 @@ def parameter_groups(task: nn.Module, optim: OptimConfig) -> list[dict[str, Any]
     return out
 
 
+# ----------------------------------------------------------------------------- the loop
+
+
 def loop_settings(config: TrainConfig) -> TrainConfig:
     """The settings the loop runs with; ``config`` itself is never changed.
 
