@@ -268,7 +268,7 @@ class OursTrainer:
 
         # The loop reads its metrics only at log steps (a read waits for the GPU): log where the timing needs a
         # stamp, at the end of the warm-up and every gcd(warmup, steps) steps after, as a user's log_every would.
-        log_every = math.gcd(warmup, steps) if warmup else 1
+        log_every = math.gcd(warmup, steps)
         with tempfile.TemporaryDirectory() as out:
             cfg = TrainConfig(output_dir=out, max_steps=warmup + steps, batch_size=self.batch_size, trackers=[],
                               log_every=log_every, eval_every=0, save_every=0, progress_bar=False,
@@ -280,9 +280,7 @@ class OursTrainer:
             trainer.fit()
             # A log step reads the losses, i.e. waits until the GPU has finished every step before it.
             stamps = {r["step"]: r["time"] for r in trainer.records if "train/loss" in r}
-        if warmup:
-            return (stamps[warmup + steps] - stamps[warmup]) / steps
-        return (stamps[steps] - stamps[1]) / max(1, steps - 1)
+        return (stamps[warmup + steps] - stamps[warmup]) / steps
 
     def forward_backward(self) -> None:
         from mmtransfer.objectives.base import StepInfo
@@ -501,8 +499,9 @@ def main() -> None:
     parser.add_argument("--table-from", type=Path, help="print the table of an earlier run's results.json (e.g. one cut short)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, not {args.rounds}")
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 1:
+        parser.error("--rounds, --steps and --warmup must be at least 1 (the timing starts at the warm-up's last step), "
+                     f"not {args.rounds}, {args.steps}, {args.warmup}")
     if args.child:
         print(json.dumps(child(args)))
         return
